@@ -1,0 +1,80 @@
+"""Byte-level BPE tokenizer training (``tokenizers``) wrapped as a ``transformers`` fast tokenizer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bitnet.data.errors import DataError
+from bitnet.io import atomic_dir, sha256_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+EOT = "<|endoftext|>"
+_MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Train a GPT-2 style byte-level BPE on ``texts`` and save it atomically to ``out_dir``.
+
+    ``<|endoftext|>`` (id 0) is the bos/eos/unk/pad token; no special tokens are added when encoding.
+    The result reloads with ``AutoTokenizer.from_pretrained(out_dir)``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < _MIN_VOCAB:
+        raise DataError(f"vocab_size must be >= {_MIN_VOCAB} (256 bytes + {EOT}), got {vocab_size}")
+    if min_frequency < 1:
+        raise DataError(f"min_frequency must be >= 1, got {min_frequency}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    counter = [0]
+    tok.train_from_iterator(_counting(texts, counter), trainer=trainer)
+    if counter[0] == 0:
+        raise DataError("cannot train a tokenizer: no non-empty texts")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOT,
+        eos_token=EOT,
+        unk_token=EOT,
+        pad_token=EOT,
+        clean_up_tokenization_spaces=False,
+    )
+    with atomic_dir(out_dir) as tmp:
+        fast.save_pretrained(str(tmp))
+    return fast
+
+
+def _counting(texts: Iterable[str], counter: list[int]) -> Iterator[str]:
+    for t in texts:
+        if t:
+            counter[0] += 1
+            yield t
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Stable hash of a tokenizer's model, normaliser, pre-tokeniser and added tokens (not its padding state)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec: dict[str, Any] = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:
+        spec = {"vocab": sorted(tokenizer.get_vocab().items())}
+    spec["special_tokens"] = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    return sha256_json(spec)

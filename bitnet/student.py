@@ -1,0 +1,104 @@
+"""Save and load BitNet students: safetensors weights + JSON configs, never pickle.
+
+Layout of a student directory::
+
+    config.json          the Hugging Face config of the underlying architecture
+    bitnet.json          the BitNetConfig used by convert_to_bitnet (SubLN placement, LRC rank, λ)
+    model.safetensors    the full state dict (latent weights, SubLN, LRC adapters)
+    tokenizer files      optional, when a tokenizer is passed to save_student
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from bitnet.convert import BitNetConfig, convert_to_bitnet
+from bitnet.io import atomic_dir, write_json_atomic
+
+BITNET_CONFIG = "bitnet.json"
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed or does not fit the model."""
+
+
+def save_student(model: nn.Module, path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+    """Write ``model`` (a converted student) to ``path`` atomically."""
+    cfg: BitNetConfig | None = getattr(model, "bitnet_config", None)
+    if cfg is None:
+        raise ValueError("save_student needs a model converted with convert_to_bitnet")
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model.config.save_pretrained(tmp)
+        write_json_atomic(tmp / BITNET_CONFIG, cfg.model_dump())
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "bitdistill": "student"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return path
+
+
+def read_bitnet_config(path: str | Path) -> BitNetConfig:
+    file = Path(path) / BITNET_CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a student checkpoint: {BITNET_CONFIG} missing")
+    try:
+        return BitNetConfig.model_validate(json.loads(file.read_text()))
+    except (ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: malformed BitNet config: {str(e).splitlines()[0]}") from e
+
+
+def load_state_dict_checked(model: nn.Module, file: str | Path) -> None:
+    """Load a safetensors state dict into ``model``; mismatched names or shapes raise CheckpointError."""
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from e
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not _is_tied_alias(model, k, state)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise CheckpointError(f"{file} does not fit this model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+
+
+def _is_tied_alias(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:
+    """safetensors' save_model drops one name of each shared tensor (e.g. tied lm_head.weight)."""
+    own = model.state_dict()
+    ptr = own[key].data_ptr()
+    return any(k in state and own[k].data_ptr() == ptr for k in own if k != key)
+
+
+def load_student(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild the module tree described by ``path`` and load its weights (identical logits)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"student checkpoint {path} does not exist")
+    bcfg = read_bitnet_config(path)
+    if not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path} is not a student checkpoint: {WEIGHTS} missing")
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable config.json ({str(e).splitlines()[0]})") from e
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    convert_to_bitnet(model, bcfg)
+    load_state_dict_checked(model, path / WEIGHTS)
+    model.eval()
+    return model

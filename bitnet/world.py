@@ -1,0 +1,142 @@
+"""The offline tiny world: corpus splits, a byte-level BPE tokenizer and packed token datasets.
+
+``build_world`` turns any :class:`~bitnet.data.TextSource` (by default the Python documentation that
+Debian's ``python3.11-doc`` ships) into::
+
+    world/
+      tokenizer/                 HF tokenizer (byte-level BPE trained on the train split)
+      data/{train,validation,test}/   packed token blocks (tokens.npy + meta.json)
+      world.json                 config, corpus digest and statistics (written last)
+
+A world directory whose ``world.json`` matches the config and corpus digest is reused as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from bitnet.data import (
+    DataError,
+    Document,
+    PackedDataset,
+    TextSource,
+    build_packed_dataset,
+    iter_documents,
+    source_digest,
+    split_documents,
+    train_bpe_tokenizer,
+)
+from bitnet.data.corpus import clean_rst, python_docs_source
+from bitnet.evaluate import unigram_perplexity
+from bitnet.io import sha256_json, write_json_atomic
+
+SPLITS = ("train", "validation", "test")
+
+
+class WorldConfig(BaseModel):
+    """Corpus, splits, tokenizer and block length of a world."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: TextSource = Field(default_factory=python_docs_source)
+    clean_rst: bool = Field(default=True, description="strip pure reStructuredText markup lines")
+    split_fractions: tuple[float, float, float] = (0.96, 0.02, 0.02)
+    split_seed: int = 0
+    vocab_size: int = Field(default=4096, ge=260)
+    seq_len: int = Field(default=256, ge=8)
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] == 0:
+            raise ValueError(f"split_fractions must be non-negative, sum to 1 and give train a share, got {v}")
+        return v
+
+
+@dataclass(frozen=True)
+class World:
+    root: Path
+    info: dict[str, Any]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+
+    def dataset(self, split: str) -> PackedDataset:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return PackedDataset(self.root / "data" / split)
+
+
+def open_world(path: str | Path) -> World:
+    """Open a built world; a directory without a valid world.json is reported as not built."""
+    root = Path(path)
+    info_file = root / "world.json"
+    if not info_file.is_file():
+        raise DataError(f"{root} is not a built world (world.json missing); run `bitdistill world build`")
+    try:
+        info = json.loads(info_file.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{info_file}: malformed JSON ({e})") from e
+    return World(root=root, info=info)
+
+
+def _documents(cfg: WorldConfig) -> list[Document]:
+    docs = list(iter_documents(cfg.source))
+    if cfg.clean_rst:
+        docs = [Document(id=d.id, text=clean_rst(d.text)) for d in docs]
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise DataError("the corpus has no non-empty documents")
+    return docs
+
+
+def build_world(cfg: WorldConfig, out_dir: str | Path, *, force: bool = False) -> World:
+    """Build (or reuse) the world for ``cfg`` under ``out_dir``."""
+    root = Path(out_dir)
+    key = sha256_json({"config": cfg.model_dump(mode="json"), "source": source_digest(cfg.source)})
+    if not force and (root / "world.json").is_file():
+        world = open_world(root)
+        if world.info.get("key") == key:
+            return world
+    docs = _documents(cfg)
+    splits = split_documents(docs, cfg.split_fractions, cfg.split_seed)
+    for name, frac in zip(SPLITS, cfg.split_fractions):
+        if frac > 0 and not splits.get(name):
+            raise DataError(f"split {name!r} is empty: the corpus has too few documents ({len(docs)})")
+    tokenizer = train_bpe_tokenizer((d.text for d in splits["train"]), cfg.vocab_size, root / "tokenizer")
+    datasets = {
+        name: build_packed_dataset(splits[name], tokenizer, root / "data" / name, cfg.seq_len)
+        for name in SPLITS
+        if splits.get(name)
+    }
+    train_tokens = datasets["train"].tokens
+    test = datasets.get("test") or datasets["validation"]
+    unigram = unigram_perplexity(train_tokens, test.get_batch(range(test.num_blocks)).numpy(), len(tokenizer))
+    info = {
+        "key": key,
+        "config": cfg.model_dump(mode="json"),
+        "vocab_size": len(tokenizer),
+        "splits": {
+            name: {
+                "documents": len(splits[name]),
+                "bytes": sum(len(d.text.encode()) for d in splits[name]),
+                "tokens": ds.n_tokens,
+                "blocks": ds.num_blocks,
+                "digest": ds.digest,
+            }
+            for name, ds in datasets.items()
+        },
+        "unigram_test_ppl": unigram,
+    }
+    write_json_atomic(root / "world.json", info)
+    return World(root=root, info=info)

@@ -1,0 +1,177 @@
+"""The one trainer: schedule, guard, checkpoints (safetensors + JSON), exact resume after SIGKILL, DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bitnet.data import BlockLoader, iter_eval_batches
+from bitnet.student import CheckpointError
+from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
+from bitnet.trainer import NonFiniteLossError, Trainer, TrainConfig, lr_lambda
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
+BIN = Path(sys.executable).parent
+
+
+def tiny_lm(vocab: int, hidden: int = 256, layers: int = 1) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = TinyTeacherConfig(hidden_size=hidden, intermediate_size=256, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return build_tiny_teacher(cfg, vocab, bos_token_id=0, eos_token_id=0)
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT)
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def run_script(world: Path, out: Path, *extra: str, torchrun: bool = False, timeout: int = 300) -> str:
+    cmd = [sys.executable, str(SCRIPT), str(world), str(out), *extra]
+    if torchrun:
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(SCRIPT), str(world), str(out), *extra]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    cfg = TrainConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        TrainConfig(max_steps=5, warmup_steps=6)
+
+
+def test_training_lowers_validation_loss(small_world, tmp_path: Path) -> None:
+    model = tiny_lm(small_world.info["vocab_size"])
+    train, val = small_world.dataset("train"), small_world.dataset("validation")
+    cfg = TrainConfig(max_steps=30, lr=3e-3, warmup_steps=3, eval_batches=4, log_every=5, progress=False)
+    trainer = Trainer(model, BlockLoader(train, 8), cfg, tmp_path, val_batches=lambda: iter_eval_batches(val, 4))
+    before = trainer.evaluate()
+    result = trainer.fit()
+    assert result.steps == 30 and result.tokens == 30 * 8 * 64
+    assert result.val_loss < before - 1.0, (before, result.val_loss)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and '"val_loss"' in lines[-1]
+
+
+def test_grad_accumulation_matches_big_batch(small_world, tmp_path: Path) -> None:
+    train = small_world.dataset("train")
+    finals = []
+    for bs, accum in ((8, 1), (4, 2)):
+        model = tiny_lm(small_world.info["vocab_size"])
+        loader = BlockLoader(train, bs, seed=3, shuffle=False)
+        cfg = TrainConfig(max_steps=3, lr=1e-3, grad_accum=accum, clip_grad=None, progress=False)
+        Trainer(model, loader, cfg, tmp_path / f"{bs}").fit()
+        finals.append(model.state_dict())
+    for k in finals[0]:
+        torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_loss_stops_with_clear_error(small_world, tmp_path: Path) -> None:
+    model = tiny_lm(small_world.info["vocab_size"])
+
+    def nan_loss(m, batch):
+        out = m(input_ids=batch["input_ids"], labels=batch["input_ids"])
+        return out.loss * float("nan"), {}
+
+    trainer = Trainer(model, BlockLoader(small_world.dataset("train"), 2), TrainConfig(max_steps=2, progress=False),
+                      tmp_path, loss_fn=nan_loss)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 0"):
+        trainer.fit()
+
+
+def test_checkpoints_are_safetensors_and_json(small_world, tmp_path: Path) -> None:
+    model = tiny_lm(small_world.info["vocab_size"])
+    cfg = TrainConfig(max_steps=4, ckpt_every=2, keep_checkpoints=1, progress=False)
+    trainer = Trainer(model, BlockLoader(small_world.dataset("train"), 2), cfg, tmp_path)
+    trainer.fit()
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["step-00000004"]  # keep_checkpoints=1 pruned step 2; the final step is kept
+    files = sorted(p.name for p in (tmp_path / "checkpoints" / ckpts[0]).iterdir())
+    assert files == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json"]
+    opt = load_file(str(tmp_path / "checkpoints" / ckpts[0] / "optimizer.safetensors"))
+    assert any(k.endswith("exp_avg_sq") for k in opt)
+    # a finished run restarted is a no-op that reports where it resumed
+    again = Trainer(tiny_lm(small_world.info["vocab_size"]), BlockLoader(small_world.dataset("train"), 2), cfg, tmp_path)
+    result = again.fit()
+    assert result.resumed_from == 4 and result.steps == 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[k], v)
+
+
+def test_checkpoint_from_another_model_is_rejected(small_world, tmp_path: Path) -> None:
+    cfg = TrainConfig(max_steps=2, ckpt_every=1, progress=False)
+    loader = BlockLoader(small_world.dataset("train"), 2)
+    Trainer(tiny_lm(small_world.info["vocab_size"]), loader, cfg, tmp_path).fit()
+    other = tiny_lm(small_world.info["vocab_size"], layers=2)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        Trainer(other, BlockLoader(small_world.dataset("train"), 2), cfg.model_copy(update={"max_steps": 4}), tmp_path).fit()
+
+
+def test_exact_resume_after_sigkill(small_world, tmp_path: Path) -> None:
+    steps = ["--steps", "8", "--ckpt-every", "2", "--dropout", "0.1"]
+    run_script(small_world.root, tmp_path / "straight", *steps)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(small_world.root), str(killed), *steps, "--sleep", "0.4"],
+                            env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    target = killed / "checkpoints" / "step-00000004"
+    deadline = time.time() + 240
+    try:
+        while not target.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "final.safetensors").exists()
+    latest = max(int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("step-*"))
+    assert 4 <= latest < 8
+
+    out = run_script(small_world.root, killed, *steps)
+    assert f"resumed_from={latest}" in out
+    a = load_file(str(tmp_path / "straight" / "final.safetensors"))
+    b = load_file(str(killed / "final.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the metrics log of the resumed run is the uninterrupted run's log
+    log_killed = (killed / "metrics.jsonl").read_text().splitlines()
+    log_straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    assert len(log_killed) == len(log_straight) == 8
+
+
+def test_ddp_two_processes_match_single_process(small_world, tmp_path: Path) -> None:
+    out = run_script(small_world.root, tmp_path / "ddp", "--steps", "4", "--batch-size", "2", "--ckpt-every", "2",
+                     torchrun=True)
+    assert "RESULT steps=4" in out
+    run_script(small_world.root, tmp_path / "single", "--steps", "4", "--batch-size", "4")
+    ddp = load_file(str(tmp_path / "ddp" / "final.safetensors"))
+    single = load_file(str(tmp_path / "single" / "final.safetensors"))
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5)
+    # both ranks' RNG states went into the checkpoint
+    rng = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-00000004" / "rng.safetensors"))
+    assert {"rank0.torch", "rank1.torch"} <= rng.keys()
