@@ -59,7 +59,7 @@ def load_config(model: type[T], path: str | None, overrides: dict[str, Any] | No
 def cmd_world_build(args: argparse.Namespace) -> int:
     from bitnet.world import WorldConfig, build_world
 
-    overrides: dict[str, Any] = {"vocab_size": args.vocab_size, "seq_len": args.seq_len}
+    overrides: dict[str, Any] = {"vocab_size": args.vocab_size, "seq_len": args.seq_len, "tokenizer": args.tokenizer}
     if args.source_dir:
         overrides["source"] = {"kind": "dir", "path": args.source_dir, "glob": args.glob}
     cfg = load_config(WorldConfig, args.config, overrides)
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     wb.add_argument("--source-dir", help="use the text files of this directory as the corpus")
     wb.add_argument("--glob", default="**/*.txt", help="file pattern with --source-dir (default: %(default)s)")
     wb.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
+    wb.add_argument("--tokenizer", help="use this HF tokenizer (dir or hub id) instead of training one")
     wb.add_argument("--seq-len", type=int, help="tokens per packed block")
     wb.add_argument("--force", action="store_true", help="rebuild even if an up-to-date world exists")
     wb.set_defaults(func=cmd_world_build)
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CLIError, DataError, CheckpointError, UnsupportedArchitectureError, NonFiniteLossError,
-            FileNotFoundError, ValueError) as e:
+            FileNotFoundError, FileExistsError, ValueError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"bitdistill: error: {message}", file=sys.stderr)
         return 2

@@ -41,13 +41,26 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
+class OverwriteRefusedError(FileExistsError):
+    """An output path exists and is not a previous output of the same kind: it is not ours to replace."""
+
+
+def check_replaceable(path: str | Path, marker: str) -> None:
+    """Refuse to replace an existing, non-empty directory that lacks ``marker`` (e.g. a user's own folder)."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
+        raise OverwriteRefusedError(f"refusing to overwrite {out}: it exists and is not a previous output (no {marker})")
+
+
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, marker: str) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` as a whole.
 
-    On failure the temporary directory is removed and whatever was at ``path`` stays untouched.
+    ``path`` may be absent, empty, or a previous output of the same kind (it holds ``marker``); anything else
+    is refused. On failure the temporary directory is removed and whatever was at ``path`` stays untouched.
     """
     path = Path(path)
+    check_replaceable(path, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

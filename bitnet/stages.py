@@ -85,7 +85,7 @@ def train_teacher(cfg: TeacherStageConfig, world: World, out_dir: str | Path) ->
         metrics["val_ppl"] = held_out_perplexity(model, world, "validation", cfg.eval_batch_size, cfg.eval_max_batches)
         metrics["test_ppl"] = held_out_perplexity(model, world, "test", cfg.eval_batch_size, cfg.eval_max_batches)
         metrics["unigram_test_ppl"] = world.info["unigram_test_ppl"]
-        with atomic_dir(out_dir / "model") as tmp:
+        with atomic_dir(out_dir / "model", marker="config.json") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         write_json_atomic(out_dir / "metrics.json", metrics)

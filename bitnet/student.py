@@ -36,7 +36,7 @@ def save_student(model: nn.Module, path: str | Path, tokenizer: PreTrainedTokeni
     if cfg is None:
         raise ValueError("save_student needs a model converted with convert_to_bitnet")
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, marker=BITNET_CONFIG) as tmp:
         model.config.save_pretrained(tmp)
         write_json_atomic(tmp / BITNET_CONFIG, cfg.model_dump())
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "bitdistill": "student"})

@@ -228,7 +228,7 @@ class Trainer:
             opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
             rng_tensors = {f"rank{r}.torch": s["torch"] for r, s in enumerate(gathered)}
             rng_tensors.update({f"rank{r}.cuda": s["cuda"] for r, s in enumerate(gathered) if s.get("cuda") is not None})
-            with atomic_dir(path) as tmp:
+            with atomic_dir(path, marker="trainer.json") as tmp:
                 save_model(self.model, str(tmp / "model.safetensors"))
                 save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
                 save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -346,7 +346,7 @@ class Trainer:
                 with ctx, autocast_context(self.device, cfg.precision):
                     loss, m = self.loss_fn(self.wrapped, batch)
                     if not torch.isfinite(loss):
-                        raise NonFiniteLossError(f"{self.desc}: non-finite loss ({float(loss)}) at step {self.step}")
+                        raise NonFiniteLossError(f"{self.desc}: non-finite loss ({float(loss.detach())}) at step {self.step}")
                     (loss / cfg.grad_accum).backward()
                 step_loss += float(loss.detach()) / cfg.grad_accum
                 step_tokens += int(batch["input_ids"].numel())

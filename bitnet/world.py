@@ -33,8 +33,9 @@ from bitnet.data import (
     train_bpe_tokenizer,
 )
 from bitnet.data.corpus import clean_rst, python_docs_source
+from bitnet.data.tokenizer import TOKENIZER_MARKER
 from bitnet.evaluate import unigram_perplexity
-from bitnet.io import sha256_json, write_json_atomic
+from bitnet.io import atomic_dir, sha256_json, write_json_atomic
 
 SPLITS = ("train", "validation", "test")
 
@@ -48,7 +49,10 @@ class WorldConfig(BaseModel):
     clean_rst: bool = Field(default=True, description="strip pure reStructuredText markup lines")
     split_fractions: tuple[float, float, float] = (0.96, 0.02, 0.02)
     split_seed: int = 0
-    vocab_size: int = Field(default=4096, ge=260)
+    tokenizer: str | None = Field(
+        default=None, description="HF tokenizer (local dir or hub id) to use instead of training a BPE tokenizer"
+    )
+    vocab_size: int = Field(default=4096, ge=260, description="size of the trained BPE tokenizer")
     seq_len: int = Field(default=256, ge=8)
 
     @field_validator("split_fractions")
@@ -100,6 +104,16 @@ def _documents(cfg: WorldConfig) -> list[Document]:
     return docs
 
 
+def _load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from e
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {name_or_path!r} has no EOS token to separate documents")
+    return tokenizer
+
+
 def build_world(cfg: WorldConfig, out_dir: str | Path, *, force: bool = False) -> World:
     """Build (or reuse) the world for ``cfg`` under ``out_dir``."""
     root = Path(out_dir)
@@ -109,11 +123,18 @@ def build_world(cfg: WorldConfig, out_dir: str | Path, *, force: bool = False) -
         if world.info.get("key") == key:
             return world
     docs = _documents(cfg)
+    # world.json is the completion marker: drop it before touching the parts, write it last.
+    (root / "world.json").unlink(missing_ok=True)
     splits = split_documents(docs, cfg.split_fractions, cfg.split_seed)
     for name, frac in zip(SPLITS, cfg.split_fractions):
         if frac > 0 and not splits.get(name):
             raise DataError(f"split {name!r} is empty: the corpus has too few documents ({len(docs)})")
-    tokenizer = train_bpe_tokenizer((d.text for d in splits["train"]), cfg.vocab_size, root / "tokenizer")
+    if cfg.tokenizer is None:
+        tokenizer = train_bpe_tokenizer((d.text for d in splits["train"]), cfg.vocab_size, root / "tokenizer")
+    else:
+        tokenizer = _load_tokenizer(cfg.tokenizer)
+        with atomic_dir(root / "tokenizer", marker=TOKENIZER_MARKER) as tmp:
+            tokenizer.save_pretrained(tmp)
     datasets = {
         name: build_packed_dataset(splits[name], tokenizer, root / "data" / name, cfg.seq_len)
         for name in SPLITS

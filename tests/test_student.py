@@ -79,3 +79,14 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyte
         save_student(model, tmp_path / "s")
     assert (tmp_path / "s" / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_save_refuses_to_replace_a_foreign_directory(tmp_path: Path) -> None:
+    from bitnet.io import OverwriteRefusedError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(OverwriteRefusedError, match="refusing to overwrite"):
+        save_student(convert_to_bitnet(tiny_model("llama")), mine)
+    assert (mine / "thesis.tex").read_text() == "years of work"

@@ -215,7 +215,7 @@ def build_packed_dataset(
     n_blocks = tokens.size // seq_len
     if n_blocks == 0:
         raise DataError(f"0 blocks: {tokens.size} tokens from {n_docs} documents is less than seq_len={seq_len}")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=META_FILE) as tmp:
         np.save(tmp / TOKENS_FILE, tokens, allow_pickle=False)
         tokens_sha = sha256_file(tmp / TOKENS_FILE)
         meta = {

@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitnet.data.errors import DataError
-from bitnet.io import atomic_dir, sha256_json
+from bitnet.io import atomic_dir, check_replaceable, sha256_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 EOT = "<|endoftext|>"
 _MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>
+
+
+TOKENIZER_MARKER = "tokenizer_config.json"
 
 
 def train_bpe_tokenizer(
@@ -32,6 +35,7 @@ def train_bpe_tokenizer(
         raise DataError(f"vocab_size must be >= {_MIN_VOCAB} (256 bytes + {EOT}), got {vocab_size}")
     if min_frequency < 1:
         raise DataError(f"min_frequency must be >= 1, got {min_frequency}")
+    check_replaceable(out_dir, TOKENIZER_MARKER)  # fail before the training, not after
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -55,7 +59,7 @@ def train_bpe_tokenizer(
         pad_token=EOT,
         clean_up_tokenization_spaces=False,
     )
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=TOKENIZER_MARKER) as tmp:
         fast.save_pretrained(str(tmp))
     return fast
 
