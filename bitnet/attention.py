@@ -10,10 +10,10 @@ repetition**. In transformers 5 the llama, mistral, qwen2 and qwen3 attention mo
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
     attention_interface(self, q, k, v, attention_mask, ...)
 
-(``modeling_llama.py`` ``LlamaAttention.forward`` l. 254-277, ``modeling_qwen3.py`` l. 252-274,
-``modeling_qwen2.py`` l. 211-228, ``modeling_mistral.py`` l. 155-172 of the installed 5.17.0), and the
+(``modeling_llama.py`` ``LlamaAttention.forward`` l. 254-277, ``modeling_qwen3.py`` l. 252-275,
+``modeling_qwen2.py`` l. 206-229, ``modeling_mistral.py`` l. 150-173 of the installed 5.17.0), and the
 ``repeat_kv`` of the KV heads happens *inside* the attention function (``eager_attention_forward``;
-``integrations/sdpa_attention.py`` ``sdpa_attention_forward``, or SDPA's own ``enable_gqa``). So the
+``integrations/sdpa_attention.py`` ``sdpa_attention_forward`` l. 97-101, or SDPA's own ``enable_gqa``). So the
 ``(query, key, value)`` arguments of the attention function are exactly the tensors wanted:
 ``q`` (B, num_attention_heads, T, d), ``k``/``v`` (B, num_key_value_heads, T, d).
 
@@ -35,8 +35,8 @@ Notes
   cache update, as the attention function sees them). For distillation run with ``use_cache=False`` or a
   fresh cache.
 - The official BitDistill code obtains ``all_query_states`` / ``all_key_states`` / ``all_value_states`` from
-  its patched modeling file, which is not part of the indexed sources (see the report in
-  ``bitnet/objectives.py``); the trainer treats each as ``[B, num_heads, seq_len, head_dim]`` and merges
+  its patched modeling file, which was not available to read (see the module docstring of
+  :mod:`bitnet.objectives`); the trainer treats each as ``[B, num_heads, seq_len, head_dim]`` and merges
   ``num_heads * head_dim``, consistent with K/V taken before repetition.
 """
 
@@ -164,7 +164,8 @@ def capture_qkv(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, Q
 
     The model's attention implementation is switched to a capturing wrapper around the current one
     (``sdpa``, ``eager``, …) and restored on exit, even when the body raises. Outputs are unchanged. Nested
-    captures (teacher and student, or the same model twice) are fine.
+    captures (teacher and student, or the same model twice) are fine. Pass the bare HF model, not a
+    DDP wrapper (``decoder_layers`` reads ``model.config.model_type``).
     """
     blocks = decoder_layers(model)
     n = len(blocks)

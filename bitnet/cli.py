@@ -39,14 +39,22 @@ def load_config(model: type[T], path: str | None, overrides: dict[str, Any] | No
         if loaded is not None and not isinstance(loaded, dict):
             raise CLIError(f"config file {file} must hold a mapping, got {type(loaded).__name__}")
         data = loaded or {}
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = data
+    cfg = _validate(model, data)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if not overrides:
+        return cfg
+    # overrides apply on top of the validated config, so nested defaults (e.g. a stage's train schedule) survive
+    full = cfg.model_dump(mode="json", exclude_unset=False)
+    for dotted, value in overrides.items():
+        node = full
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+    return _validate(model, full)
+
+
+def _validate(model: type[T], data: dict[str, Any]) -> T:
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -88,6 +96,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     cfg = load_config(ConvertStageConfig, args.config, {"bitnet.subln": args.subln})
     print(json.dumps(convert_teacher(cfg, args.teacher, args.out), indent=2))
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from bitnet.stages import STUDENT_STAGES, run_student_stage
+    from bitnet.world import open_world
+
+    cfg = load_config(STUDENT_STAGES[args.name], args.config, {"train.max_steps": args.steps, "train.progress": args.progress})
+    metrics = run_student_stage(cfg, args.student, args.teacher, open_world(args.world), args.out)
+    if metrics.get("val_ppl") is not None:
+        print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -174,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--config", help="ConvertStageConfig as YAML/JSON")
     cv.add_argument("--subln", choices=["standard", "all", "none"], help="SubLN placement")
     cv.set_defaults(func=cmd_convert)
+
+    st = sub.add_parser("stage", help="run one student stage: layerwise (1.9), cpt (2), kd (3) or lrc")
+    st.add_argument("name", choices=["layerwise", "cpt", "kd", "lrc"], help="the stage")
+    st.add_argument("--student", required=True, help="input student directory (from `convert` or a previous stage)")
+    st.add_argument("--teacher", required=True, help="teacher: HF model directory or hub id")
+    st.add_argument("--world", default=str(DEFAULT_WORKDIR / "world"), help="built world (default: %(default)s)")
+    st.add_argument("--out", required=True, help="output directory (student in OUT/model, checkpoints in OUT/train)")
+    st.add_argument("--config", help="the stage's config as YAML/JSON")
+    st.add_argument("--steps", type=int, help="optimizer steps")
+    st.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    st.set_defaults(func=cmd_stage)
 
     demo = sub.add_parser("demo", help="offline tiny pipeline: build the world and train the teacher")
     demo.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="work directory (default: %(default)s)")

@@ -7,9 +7,11 @@ calibration inputs ``X`` (n × in, one row per token)::
 
     min_{rank(B) ≤ r}  ‖X·Wᵀ − Q(X)·Wqᵀ − X·B‖_F ,      B = V·Uᵀ  (in × out)
 
-i.e. the paper's ``‖W·X − Wq·Q(X) − U·Vᵀ·X‖_F`` with X stored row-wise. For a fixed ``Wq`` (the ternary
-weight is fixed here, so only the paper's U/V step is needed, not its alternation with GPTQ) this is
-reduced-rank regression of the target ``Y = X·Wᵀ − Q(X)·Wqᵀ`` on ``X``:
+i.e. the paper's ``‖W·X − Wq·Q(X) − U·Vᵀ·X‖_F`` with X stored column-wise there and row-wise here. The
+paper alternates updates of the quantized weight (GPTQ) with updates of U, V; our ternary ``Wq`` is fixed
+(absmean rounding of the latent weight), so only the U/V step is needed. For a fixed ``Wq`` it is classical
+reduced-rank regression (Izenman 1975) of the target ``Y = X·Wᵀ − Q(X)·Wqᵀ`` on ``X``; the derivation below
+is ours, written from that objective (only the paper's abstract/summary pages were reachable here):
 
 1. statistics ``Σ = XᵀX`` (in × in), ``C = XᵀY`` (in × out) and ``‖Y‖²``, accumulated batch by batch
    (:class:`CovarianceAccumulator`) so the number of calibration tokens costs no memory;
@@ -18,7 +20,8 @@ reduced-rank regression of the target ``Y = X·Wᵀ − Q(X)·Wqᵀ`` on ``X``:
    regularised objective otherwise), the rank-r optimum is ``B_r = B*·Q_r·Q_rᵀ`` where ``Q_r`` are the top-r
    right singular vectors of ``M = Σ^{1/2}·B*`` (= of the fitted values ``X·B*``, because
    ``MᵀM = (X·B*)ᵀ(X·B*)``). Everything goes through the in × in covariance: the cost does not grow with n
-   beyond forming ``Σ`` and ``C``;
+   beyond forming ``Σ`` and ``C``. With the ridge, ``B_r`` is the exact rank-r minimiser of
+   ``‖Y − X·B‖² + λ‖B‖²``;
 4. balanced factors: with the thin SVD ``B_r = A·S·Gᵀ``, ``V = A·S^{1/2}`` and ``U = G·S^{1/2}``
    (column i of U and of V both have norm ``√s_i``), which keeps later gradient training of U and V
    well-conditioned.
@@ -115,10 +118,9 @@ class CovarianceAccumulator:
         xq = act_quant_value(x2)
         dev = self.xtx.device
         x64 = x2.to(device=dev, dtype=_F64)
-        y = x64 @ weight.detach().to(device=dev, dtype=_F64).t() - xq.to(device=dev, dtype=_F64) @ wq.detach().to(
-            device=dev, dtype=_F64
-        ).t()
-        self._add(x64, y)
+        w64 = weight.detach().to(device=dev, dtype=_F64)
+        wq64 = wq.detach().to(device=dev, dtype=_F64)
+        self._add(x64, x64 @ w64.t() - xq.to(device=dev, dtype=_F64) @ wq64.t())
 
     @torch.no_grad()
     def update_target(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -228,10 +230,11 @@ def _run_batches(model: nn.Module, batches: Iterable, device: torch.device) -> N
         if isinstance(batch, torch.Tensor):
             model(input_ids=batch.to(device))
         elif isinstance(batch, Mapping):
-            kwargs = {k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in batch.items() if k != "labels"}
+            kwargs = {k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in batch.items()}
+            kwargs.pop("labels", None)
             model(**kwargs)
         else:
-            raise TypeError(f"a calibration batch must be a tensor of input ids or a mapping, got {type(batch).__name__}")
+            raise TypeError(f"a calibration batch must be input ids or a mapping of model kwargs, not {type(batch)}")
 
 
 def _reference_weight(teacher: nn.Module | None, name: str, layer: BitLinearLRC) -> torch.Tensor:
@@ -261,7 +264,9 @@ def calibrate_lrc(
     calibration data.
 
     ``student`` must be a converted BitNet student; plain BitLinears are turned into ``BitLinearLRC`` of
-    ``rank`` via :func:`bitnet.convert.add_lrc` (existing adapters must have this rank). ``batches`` is an
+    ``rank`` via :func:`bitnet.convert.add_lrc` (existing adapters must have this rank). ``W`` is each layer's
+    latent weight, or, when ``teacher`` has an ``nn.Linear`` of the same shape at the same path, the teacher's
+    weight (other layers silently keep the latent weight; see the module docstring). ``batches`` is an
     iterable of input-id tensors or of model-kwarg mappings (``labels`` is dropped). The objective targets
     the fully quantized path (λ = 1) whatever the layers' current warm-up λ.
 

@@ -52,6 +52,13 @@ launch scripts ``bitdistill/ds-exp-run-sft-bitdistill.sh`` (beta, ``minilmv2_los
   the official scripts pass one explicit layer index. For several layers, average the per-layer values of
   :func:`attention_relation_loss` (the official division by ``len(layers)``).
 
+Not found in the indexed sources (so not verified here): the yaml ``yamls/training_args/
+sft_nli_bitnet_allnorm_distill.yaml`` and ``hparams/model_args.py`` (hence the defaults of
+``logits_distill_temperature`` and ``split_head_number``; τ = 5, β = 10, γ = 1e5 and S = 32 come from the
+paper / DESIGN.md), and the patched modeling file that returns ``all_{query,key,value}_states`` (so where
+exactly those are taken — post-RoPE, pre-``repeat_kv`` — is inferred from the trainer's
+``[B, num_heads, seq_len, head_dim]`` handling and the paper, not read).
+
 Not in the official code: :func:`topk_kd_loss` (the TCS top-k objective) and :func:`hidden_state_loss`
 (the layer-wise stage 1.9 objective) follow the project design (DESIGN.md §2); their definitions are
 documented on each function.

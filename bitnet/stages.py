@@ -1,26 +1,47 @@
 """Stages: what each one trains, on which data, with which losses (a stage = data + losses + schedule).
 
-This module holds the ``teacher`` stage of the offline preset (pretrain the tiny Llama teacher on the
-world's corpus) and ``convert`` (BitDistill stage 1). Every stage writes its output directory atomically
-and a ``metrics.json`` last.
+- ``teacher``   (tiny preset only) pretrain the tiny Llama teacher on the world's corpus
+- ``convert``   BitDistill stage 1: BitLinear swap + SubLN insertion
+- ``layerwise`` stage 1.9: align every layer's hidden states with the teacher's
+- ``cpt``       stage 2: continued pre-training (QAT, CE) with the gradual quantization warm-up λ: 0 → 1
+- ``kd``        stage 3: CE + β·τ²·KL(p_T^τ ‖ p_S^τ) + γ·attention-relation loss (``bitdistill``) or top-k KL (``tcs``)
+- ``lrc``       low-rank correction: closed-form init from calibration activations, then train only U, V
+
+Every stage writes its output directory atomically and ``metrics.json`` last; training stages resume from
+``OUT/train/checkpoints``.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 from transformers import AutoTokenizer
 
-from bitnet.convert import BitNetConfig, convert_to_bitnet
+from bitnet.attention import capture_qkv
+from bitnet.convert import BitNetConfig, add_lrc, convert_to_bitnet
 from bitnet.data import BlockLoader, iter_eval_batches
 from bitnet.evaluate import perplexity
 from bitnet.io import atomic_dir, write_json_atomic
-from bitnet.student import save_student
+from bitnet.layers import set_quant_lambda
+from bitnet.lrc import calibrate_lrc
+from bitnet.objectives import attention_relation_loss, hidden_state_loss, logits_kd_loss, topk_kd_loss
+from bitnet.student import load_student, save_student
 from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher, count_parameters, load_teacher
-from bitnet.trainer import Trainer, TrainConfig, distributed_env, init_distributed
+from bitnet.trainer import (
+    Batch,
+    Callback,
+    LossFn,
+    Trainer,
+    TrainConfig,
+    causal_lm_loss,
+    distributed_env,
+    init_distributed,
+)
 from bitnet.world import World
 
 
@@ -116,3 +137,243 @@ def convert_teacher(cfg: ConvertStageConfig, teacher: str | Path, out_dir: str |
 
 def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ================================================================================ student stages (1.9 – LRC)
+class StageData(BaseModel):
+    """Batching of a student stage over a world's packed splits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(default=8, ge=1, description="blocks per micro-batch per process")
+    eval_batch_size: int = Field(default=16, ge=1)
+    eval_max_batches: int | None = Field(default=None, ge=1)
+
+
+def _default_student_train() -> TrainConfig:
+    return TrainConfig(max_steps=100, lr=1e-3, warmup_steps=10, weight_decay=0.0, ckpt_every=25, eval_every=0)
+
+
+class LayerwiseStageConfig(BaseModel):
+    """Stage 1.9: hidden-state distillation at every layer (teacher frozen, no gradients)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["layerwise"] = "layerwise"
+    loss: Literal["mse", "cosine"] = "mse"
+    train: TrainConfig = Field(default_factory=_default_student_train)
+    data: StageData = Field(default_factory=StageData)
+
+
+class CPTStageConfig(BaseModel):
+    """Stage 2: continued pre-training with the gradual quantization warm-up."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["cpt"] = "cpt"
+    lambda_warmup_steps: int = Field(default=50, ge=0, description="steps over which λ ramps 0 → 1; 0 = no warm-up")
+    lambda_schedule: Literal["linear", "cosine"] = "linear"
+    train: TrainConfig = Field(default_factory=_default_student_train)
+    data: StageData = Field(default_factory=StageData)
+
+
+class KDStageConfig(BaseModel):
+    """Stage 3: knowledge distillation (BitDistill or TCS objective)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["kd"] = "kd"
+    objective: Literal["bitdistill", "tcs"] = "bitdistill"
+    temperature: float = Field(default=5.0, gt=0)
+    beta: float = Field(default=10.0, ge=0, description="weight of τ²·KL(p_T ‖ p_S)")
+    gamma: float = Field(default=1e5, ge=0, description="weight of the attention-relation loss")
+    ce_weight: float = Field(default=1.0, ge=0)
+    ad_layers: list[int] = Field(default_factory=lambda: [-1], description="layers for attention relations")
+    split_heads: int = Field(default=32, ge=1)
+    tcs_k: int = Field(default=100, ge=1)
+    train: TrainConfig = Field(default_factory=_default_student_train)
+    data: StageData = Field(default_factory=StageData)
+
+
+class LRCStageConfig(BaseModel):
+    """Low-rank correction: closed-form init, then only U, V trained against the teacher."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["lrc"] = "lrc"
+    rank: int = Field(default=16, ge=1)
+    init: Literal["closed_form", "svd"] = "closed_form"
+    calib_batches: int = Field(default=8, ge=1)
+    loss: Literal["logits", "hidden", "both"] = "logits"
+    temperature: float = Field(default=1.0, gt=0)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=50, lr=1e-3, warmup_steps=5,
+                                                                   weight_decay=0.0, ckpt_every=25))
+    data: StageData = Field(default_factory=StageData)
+
+
+StudentStageConfig = Annotated[
+    LayerwiseStageConfig | CPTStageConfig | KDStageConfig | LRCStageConfig, Field(discriminator="kind")
+]
+STUDENT_STAGES: dict[str, type[BaseModel]] = {
+    "layerwise": LayerwiseStageConfig,
+    "cpt": CPTStageConfig,
+    "kd": KDStageConfig,
+    "lrc": LRCStageConfig,
+}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _lm_forward(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Any:
+    return model(input_ids=ids, labels=ids, **kwargs)
+
+
+def layerwise_loss(teacher: nn.Module, kind: str) -> LossFn:
+    def fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        ids = batch["input_ids"]
+        with torch.no_grad():
+            t_hidden = teacher(input_ids=ids, output_hidden_states=True).hidden_states
+        out = _lm_forward(model, ids, output_hidden_states=True)
+        # hidden_states[0] is the (shared, full-precision) embedding output: align the decoder layers only
+        loss = hidden_state_loss(out.hidden_states[1:], t_hidden[1:], kind=kind)
+        return loss, {"ce": float(out.loss.detach())}
+
+    return fn
+
+
+def quant_lambda_at(step: int, warmup: int, schedule: str) -> float:
+    """λ of the gradual quantization warm-up at ``step`` (0 → 1 over ``warmup`` steps)."""
+    if warmup <= 0 or step >= warmup:
+        return 1.0
+    x = step / warmup
+    return x if schedule == "linear" else 0.5 * (1 - math.cos(math.pi * x))
+
+
+def lambda_warmup_callback(cfg: CPTStageConfig) -> Callback:
+    def cb(step: int, model: nn.Module) -> dict[str, float]:
+        lam = quant_lambda_at(step, cfg.lambda_warmup_steps, cfg.lambda_schedule)
+        set_quant_lambda(model, lam)
+        return {"lambda": lam}
+
+    return cb
+
+
+def kd_loss(teacher: nn.Module, cfg: KDStageConfig) -> LossFn:
+    tau = cfg.temperature
+
+    def fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        ids = batch["input_ids"]
+        use_ad = cfg.objective == "bitdistill" and cfg.gamma > 0
+        with torch.no_grad(), capture_qkv(teacher, cfg.ad_layers if use_ad else []) as t_qkv:
+            t_logits = teacher(input_ids=ids).logits
+        with capture_qkv(_unwrap(model), cfg.ad_layers if use_ad else []) as s_qkv:
+            out = _lm_forward(model, ids)
+        metrics = {"ce": float(out.loss.detach())}
+        loss = cfg.ce_weight * out.loss
+        if cfg.objective == "bitdistill":
+            kl = logits_kd_loss(out.logits, t_logits, tau)
+            loss = loss + cfg.beta * tau * tau * kl
+            metrics["kl"] = float(kl.detach())
+            if use_ad:
+                ad = sum(attention_relation_loss(s_qkv[i], t_qkv[i], cfg.split_heads) for i in cfg.ad_layers)
+                ad = ad / len(cfg.ad_layers)
+                loss = loss + cfg.gamma * ad
+                metrics["ad"] = float(ad.detach())
+        else:
+            kl = topk_kd_loss(out.logits, t_logits, cfg.tcs_k, tau)
+            loss = loss + cfg.beta * tau * tau * kl
+            metrics["topk_kl"] = float(kl.detach())
+        return loss, metrics
+
+    return fn
+
+
+def lrc_loss(teacher: nn.Module, cfg: LRCStageConfig) -> LossFn:
+    def fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        ids = batch["input_ids"]
+        want_hidden = cfg.loss in ("hidden", "both")
+        with torch.no_grad():
+            t_out = teacher(input_ids=ids, output_hidden_states=want_hidden)
+        out = _lm_forward(model, ids, output_hidden_states=want_hidden)
+        loss = out.logits.new_zeros(())
+        metrics = {"ce": float(out.loss.detach())}
+        if cfg.loss in ("logits", "both"):
+            kl = logits_kd_loss(out.logits, t_out.logits, cfg.temperature)
+            loss = loss + kl
+            metrics["kl"] = float(kl.detach())
+        if want_hidden:
+            h = hidden_state_loss(out.hidden_states[1:], t_out.hidden_states[1:])
+            loss = loss + h
+            metrics["hidden"] = float(h.detach())
+        return loss, metrics
+
+    return fn
+
+
+def run_student_stage(
+    cfg: LayerwiseStageConfig | CPTStageConfig | KDStageConfig | LRCStageConfig,
+    student_dir: str | Path,
+    teacher: str | Path,
+    world: World,
+    out_dir: str | Path,
+) -> dict[str, Any]:
+    """Train the student of ``student_dir`` with the stage ``cfg``; write ``out_dir/model`` + ``metrics.json``."""
+    out_dir = Path(out_dir)
+    rank, world_size, device = init_distributed() if distributed_env()[1] > 1 else (0, 1, _device())
+    student = load_student(student_dir).to(device)
+    teacher_model = load_teacher(teacher).to(device)
+    for p in teacher_model.parameters():
+        p.requires_grad_(False)
+    if teacher_model.config.vocab_size != student.config.vocab_size:
+        raise ValueError(
+            f"teacher vocab ({teacher_model.config.vocab_size}) differs from the student's ({student.config.vocab_size})"
+        )
+    train_ds, val_ds = world.dataset("train"), world.dataset("validation")
+    d = cfg.data
+    callbacks: list[Callback] = []
+    extra: dict[str, Any] = {}
+    if isinstance(cfg, LayerwiseStageConfig):
+        loss_fn = layerwise_loss(teacher_model, cfg.loss)
+    elif isinstance(cfg, CPTStageConfig):
+        loss_fn = causal_lm_loss
+        callbacks.append(lambda_warmup_callback(cfg))
+    elif isinstance(cfg, KDStageConfig):
+        loss_fn = kd_loss(teacher_model, cfg)
+    else:
+        calib = iter_eval_batches(train_ds, d.batch_size, cfg.calib_batches)
+        if not (out_dir / "train" / "checkpoints").is_dir():
+            improvement = calibrate_lrc(student, teacher_model, calib, cfg.rank, cfg.init)
+            extra["lrc_init_improvement"] = sum(improvement.values()) / len(improvement)
+        else:  # resuming: the checkpoint holds the adapters; only the module tree is needed
+            add_lrc(student, cfg.rank)
+        for name, p in student.named_parameters():
+            p.requires_grad_(name.endswith(("lrc_u", "lrc_v")))
+        loss_fn = lrc_loss(teacher_model, cfg)
+    loader = BlockLoader(train_ds, d.batch_size, seed=cfg.train.seed, rank=rank, world_size=world_size)
+    trainer = Trainer(
+        student,
+        loader,
+        cfg.train,
+        out_dir / "train",
+        loss_fn=loss_fn,
+        val_batches=lambda: iter_eval_batches(val_ds, d.eval_batch_size),
+        callbacks=callbacks,
+        device=device,
+        desc=cfg.kind,
+    )
+    result = trainer.fit()
+    set_quant_lambda(student, 1.0)
+    metrics: dict[str, Any] = {
+        "stage": cfg.kind,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "train_loss": result.train_loss,
+        "wall_s": result.wall_s,
+        "resumed_from": result.resumed_from,
+        **extra,
+    }
+    if rank == 0:
+        metrics["val_ppl"] = held_out_perplexity(student, world, "validation", d.eval_batch_size, d.eval_max_batches)
+        save_student(student, out_dir / "model", world.tokenizer())
+        write_json_atomic(out_dir / "metrics.json", metrics)
+    if world_size > 1:
+        torch.distributed.barrier()
+    return metrics

@@ -67,7 +67,8 @@ def test_training_lowers_validation_loss(small_world, tmp_path: Path) -> None:
     before = trainer.evaluate()
     result = trainer.fit()
     assert result.steps == 30 and result.tokens == 30 * 8 * 64
-    assert result.val_loss < before - 1.0, (before, result.val_loss)
+    # 30 steps from a random init (loss ≈ ln 512 = 6.24) must learn well beyond chance
+    assert result.val_loss < before - 0.8, (before, result.val_loss)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6 and '"val_loss"' in lines[-1]
 

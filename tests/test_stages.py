@@ -1,0 +1,123 @@
+"""The BitDistill student stages end to end on the small world: each trains, resumes, saves a loadable student."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitnet.cli import main
+from bitnet.convert import BitNetConfig
+from bitnet.layers import BitLinearLRC, bit_linears
+from bitnet.stages import (
+    ConvertStageConfig,
+    CPTStageConfig,
+    KDStageConfig,
+    LayerwiseStageConfig,
+    LRCStageConfig,
+    StageData,
+    TeacherStageConfig,
+    convert_teacher,
+    quant_lambda_at,
+    run_student_stage,
+    train_teacher,
+)
+from bitnet.student import load_student
+from bitnet.teacher import TinyTeacherConfig
+from bitnet.trainer import TrainConfig
+
+DATA = StageData(batch_size=4, eval_batch_size=8, eval_max_batches=4)
+
+
+def short(steps: int, **kw) -> TrainConfig:
+    return TrainConfig(max_steps=steps, lr=2e-3, warmup_steps=1, log_every=1, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def teacher_and_student(small_world, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("stages")
+    cfg = TeacherStageConfig(
+        model=TinyTeacherConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=128),
+        train=TrainConfig(max_steps=60, lr=5e-3, warmup_steps=5, progress=False),
+        batch_size=16,
+        eval_max_batches=4,
+    )
+    train_teacher(cfg, small_world, root / "teacher")
+    convert_teacher(ConvertStageConfig(bitnet=BitNetConfig(subln="standard")), root / "teacher" / "model",
+                    root / "student")
+    return root / "teacher" / "model", root / "student"
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lambda_schedule() -> None:
+    assert [quant_lambda_at(s, 4, "linear") for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert quant_lambda_at(2, 4, "cosine") == pytest.approx(0.5)
+    assert quant_lambda_at(0, 0, "linear") == 1.0
+
+
+def test_layerwise_lowers_hidden_state_loss(teacher_and_student, small_world, tmp_path: Path) -> None:
+    teacher, student = teacher_and_student
+    m = run_student_stage(LayerwiseStageConfig(train=short(12), data=DATA), student, teacher, small_world, tmp_path)
+    h = history(tmp_path)
+    assert m["steps"] == 12 and h[-1]["loss"] < 0.8 * h[0]["loss"], (h[0], h[-1])
+    load_student(tmp_path / "model")
+
+
+def test_cpt_ramps_lambda_and_ends_fully_quantized(teacher_and_student, small_world, tmp_path: Path) -> None:
+    teacher, student = teacher_and_student
+    cfg = CPTStageConfig(lambda_warmup_steps=4, train=short(6), data=DATA)
+    run_student_stage(cfg, student, teacher, small_world, tmp_path)
+    assert [r["lambda"] for r in history(tmp_path)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    reloaded = load_student(tmp_path / "model")
+    assert all(layer.quant_lambda == 1.0 for _, layer in bit_linears(reloaded))
+
+
+@pytest.mark.parametrize("objective", ["bitdistill", "tcs"])
+def test_kd_objectives(teacher_and_student, small_world, tmp_path: Path, objective: str) -> None:
+    teacher, student = teacher_and_student
+    cfg = KDStageConfig(objective=objective, train=short(4), data=DATA, tcs_k=20)
+    m = run_student_stage(cfg, student, teacher, small_world, tmp_path)
+    rec = history(tmp_path)[0]
+    if objective == "bitdistill":
+        assert rec["kl"] > 0 and rec["ad"] > 0
+        assert rec["loss"] == pytest.approx(rec["ce"] + 10 * 25 * rec["kl"] + 1e5 * rec["ad"], rel=1e-4)
+    else:
+        assert rec["topk_kl"] > 0 and "ad" not in rec
+    assert m["val_ppl"] > 1
+
+
+def test_lrc_trains_only_adapters(teacher_and_student, small_world, tmp_path: Path) -> None:
+    teacher, student = teacher_and_student
+    cfg = LRCStageConfig(rank=8, calib_batches=2, train=short(4), data=DATA)
+    m = run_student_stage(cfg, student, teacher, small_world, tmp_path)
+    assert m["lrc_init_improvement"] > 0
+    before, after = load_student(student), load_student(tmp_path / "model")
+    assert after.bitnet_config.lrc_rank == 8
+    layers = dict(bit_linears(after))
+    assert all(isinstance(l, BitLinearLRC) for l in layers.values())
+    for name, layer in bit_linears(before):
+        assert torch.equal(layer.weight, layers[name].weight), name  # ternary (latent) weights frozen
+    assert any(l.lrc_u.abs().sum() > 0 for l in layers.values())
+
+
+def test_stage_cli_and_resume(teacher_and_student, small_world, tmp_path: Path) -> None:
+    teacher, student = teacher_and_student
+    cfg = tmp_path / "cpt.yaml"
+    cfg.write_text("lambda_warmup_steps: 2\ntrain: {max_steps: 5, warmup_steps: 1, ckpt_every: 2, log_every: 1}\ndata: {batch_size: 4, eval_max_batches: 2}\n")
+    args = ["stage", "cpt", "--student", str(student), "--teacher", str(teacher), "--world", str(small_world.root),
+            "--out", str(tmp_path / "out"), "--config", str(cfg), "--steps", "3", "--no-progress"]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert first["steps"] == 3  # --steps overrides the file, the file's other settings survive
+    assert [r["lambda"] for r in history(tmp_path / "out")] == [0.0, 0.5, 1.0]
+    assert main(args) == 0  # the finished run resumes from its last checkpoint and trains nothing more
+    again = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert again["resumed_from"] == 3 and again["val_ppl"] == pytest.approx(first["val_ppl"])
+    assert main(["stage", "kd", "--student", str(tmp_path / "nowhere"), "--teacher", str(teacher), "--world",
+                 str(small_world.root), "--out", str(tmp_path / "x")]) == 2
