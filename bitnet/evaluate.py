@@ -39,3 +39,41 @@ def unigram_perplexity(train_tokens: np.ndarray, test_blocks: np.ndarray, vocab_
     logp = np.log(counts / counts.sum())
     targets = np.asarray(test_blocks, dtype=np.int64)[:, 1:].reshape(-1)
     return float(math.exp(-logp[targets].mean()))
+
+
+@torch.no_grad()
+def compare_to_teacher(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Perplexity of ``model`` and its agreement with ``teacher`` on the same held-out blocks, in one pass.
+
+    ``ppl``: as :func:`perplexity`. ``top1_agreement``: fraction of predicted positions where the argmax
+    next token of ``model`` equals the teacher's. ``kl``: mean per-token KL(p_teacher ‖ p_model) in nats.
+    """
+    device = device or next(model.parameters()).device
+    states = (model.training, teacher.training)
+    model.eval()
+    teacher.eval()
+    nll = agree = kl = 0.0
+    count = 0
+    for batch in batches:
+        ids = batch["input_ids"].to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        t_logits = teacher(input_ids=ids).logits[:, :-1].float()
+        target = ids[:, 1:]
+        flat = logits.reshape(-1, logits.size(-1))
+        t_flat = t_logits.reshape(-1, t_logits.size(-1))
+        nll += float(F.cross_entropy(flat, target.reshape(-1), reduction="sum"))
+        agree += float((flat.argmax(-1) == t_flat.argmax(-1)).sum())
+        kl += float(
+            F.kl_div(F.log_softmax(flat, -1), F.log_softmax(t_flat, -1), reduction="sum", log_target=True)
+        )
+        count += target.numel()
+    model.train(states[0])
+    teacher.train(states[1])
+    if count == 0:
+        raise ValueError("compare_to_teacher needs at least one batch")
+    return {"ppl": math.exp(nll / count), "top1_agreement": agree / count, "kl": kl / count}

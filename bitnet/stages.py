@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -27,7 +27,7 @@ from bitnet.convert import BitNetConfig, add_lrc, convert_to_bitnet
 from bitnet.data import BlockLoader, iter_eval_batches
 from bitnet.evaluate import perplexity
 from bitnet.io import atomic_dir, write_json_atomic
-from bitnet.layers import set_quant_lambda
+from bitnet.layers import bit_linears, set_quant_lambda
 from bitnet.lrc import calibrate_lrc
 from bitnet.objectives import attention_relation_loss, hidden_state_loss, logits_kd_loss, topk_kd_loss
 from bitnet.student import load_student, save_student
@@ -191,6 +191,12 @@ class KDStageConfig(BaseModel):
     train: TrainConfig = Field(default_factory=_default_student_train)
     data: StageData = Field(default_factory=StageData)
 
+    @model_validator(mode="after")
+    def _check(self) -> "KDStageConfig":
+        if self.objective == "bitdistill" and self.gamma > 0 and not self.ad_layers:
+            raise ValueError("gamma > 0 needs at least one layer in ad_layers (or set gamma: 0)")
+        return self
+
 
 class LRCStageConfig(BaseModel):
     """Low-rank correction: closed-form init, then only U, V trained against the teacher."""
@@ -308,6 +314,39 @@ def lrc_loss(teacher: nn.Module, cfg: LRCStageConfig) -> LossFn:
     return fn
 
 
+def check_pair(student: nn.Module, teacher: nn.Module, cfg: BaseModel) -> None:
+    """Refuse, before any training, a teacher/student pair or a stage config the stage cannot use."""
+    s, t = student.config, teacher.config
+    if t.vocab_size != s.vocab_size:
+        raise ValueError(f"teacher vocab ({t.vocab_size}) differs from the student's ({s.vocab_size})")
+    hidden_match = isinstance(cfg, LayerwiseStageConfig) or (isinstance(cfg, LRCStageConfig) and cfg.loss != "logits")
+    if hidden_match:
+        for key in ("num_hidden_layers", "hidden_size"):
+            if getattr(t, key) != getattr(s, key):
+                raise ValueError(
+                    f"{cfg.kind}: teacher {key} ({getattr(t, key)}) differs from the student's ({getattr(s, key)}); "
+                    "hidden states cannot be aligned"
+                )
+    if isinstance(cfg, KDStageConfig) and cfg.objective == "bitdistill" and cfg.gamma > 0:
+        for who, c in (("student", s), ("teacher", t)):
+            n = c.num_hidden_layers
+            bad = [i for i in cfg.ad_layers if not -n <= i < n]
+            if bad:
+                raise ValueError(f"kd: ad_layers {bad} out of range for the {who} ({n} layers)")
+            head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+            for heads in (c.num_attention_heads, c.num_key_value_heads):
+                if (heads * head_dim) % cfg.split_heads:
+                    raise ValueError(
+                        f"kd: split_heads ({cfg.split_heads}) does not divide the {who}'s merged q/k/v width "
+                        f"{heads}*{head_dim}"
+                    )
+    if isinstance(cfg, LRCStageConfig):
+        for name, layer in bit_linears(student):
+            limit = min(layer.in_features, layer.out_features)
+            if cfg.rank >= limit:
+                raise ValueError(f"lrc: rank {cfg.rank} must be < min(in, out) = {limit} of {name}")
+
+
 def run_student_stage(
     cfg: LayerwiseStageConfig | CPTStageConfig | KDStageConfig | LRCStageConfig,
     student_dir: str | Path,
@@ -322,10 +361,7 @@ def run_student_stage(
     teacher_model = load_teacher(teacher).to(device)
     for p in teacher_model.parameters():
         p.requires_grad_(False)
-    if teacher_model.config.vocab_size != student.config.vocab_size:
-        raise ValueError(
-            f"teacher vocab ({teacher_model.config.vocab_size}) differs from the student's ({student.config.vocab_size})"
-        )
+    check_pair(student, teacher_model, cfg)
     train_ds, val_ds = world.dataset("train"), world.dataset("validation")
     d = cfg.data
     callbacks: list[Callback] = []

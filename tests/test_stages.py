@@ -121,3 +121,79 @@ def test_stage_cli_and_resume(teacher_and_student, small_world, tmp_path: Path) 
     assert again["resumed_from"] == 3 and again["val_ppl"] == pytest.approx(first["val_ppl"])
     assert main(["stage", "kd", "--student", str(tmp_path / "nowhere"), "--teacher", str(teacher), "--world",
                  str(small_world.root), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_bad_stage_input_fails_before_training(teacher_and_student, small_world, tmp_path: Path) -> None:
+    teacher, student = teacher_and_student
+    with pytest.raises(ValueError, match="ad_layers"):
+        KDStageConfig(ad_layers=[])
+    with pytest.raises(ValueError, match="split_heads"):
+        run_student_stage(KDStageConfig(split_heads=3, train=short(2), data=DATA), student, teacher, small_world,
+                          tmp_path / "kd")
+    with pytest.raises(ValueError, match="out of range"):
+        run_student_stage(KDStageConfig(ad_layers=[5], train=short(2), data=DATA), student, teacher, small_world,
+                          tmp_path / "kd")
+    with pytest.raises(ValueError, match="rank"):
+        run_student_stage(LRCStageConfig(rank=128, train=short(2), data=DATA), student, teacher, small_world,
+                          tmp_path / "lrc")
+    # a teacher with another depth cannot be aligned layer by layer
+    other = tmp_path / "other-teacher"
+    cfg = TeacherStageConfig(
+        model=TinyTeacherConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=128),
+        train=TrainConfig(max_steps=1, progress=False), batch_size=2, eval_max_batches=1,
+    )
+    train_teacher(cfg, small_world, other)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        run_student_stage(LayerwiseStageConfig(train=short(2), data=DATA), student, other / "model", small_world,
+                          tmp_path / "lw")
+    assert not any((tmp_path / d / "train").exists() for d in ("kd", "lrc", "lw"))  # nothing trained, nothing written
+
+
+def test_kd_stage_resumes_exactly_after_sigkill(teacher_and_student, small_world, tmp_path: Path) -> None:
+    """`bitdistill stage kd` killed with SIGKILL after a checkpoint continues to the uninterrupted result."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    teacher, student = teacher_and_student
+    cfg = tmp_path / "kd.yaml"
+    cfg.write_text("train: {max_steps: 24, lr: 0.002, warmup_steps: 2, ckpt_every: 2, log_every: 1, progress: false}\n"
+                   "data: {batch_size: 4, eval_max_batches: 2}\ntcs_k: 20\n")
+
+    def args(out: Path) -> list[str]:
+        return ["stage", "kd", "--student", str(student), "--teacher", str(teacher), "--world", str(small_world.root),
+                "--out", str(out), "--config", str(cfg)]
+
+    assert main(args(tmp_path / "straight")) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "bitnet.cli", *args(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    try:
+        while not (killed / "train" / "checkpoints").is_dir() or not any((killed / "train" / "checkpoints").glob("step-*")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "metrics.json").exists() and not (killed / "model").exists()
+    latest = max(int(p.name.split("-")[1]) for p in (killed / "train" / "checkpoints").glob("step-*"))
+    assert 2 <= latest < 24
+
+    assert main(args(killed)) == 0
+    m = json.loads((killed / "metrics.json").read_text())
+    assert m["resumed_from"] == latest and m["steps"] == 24
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(killed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -1,0 +1,190 @@
+"""Quality ablation of the BitDistill stages on the tiny preset (a benchmark, not a test).
+
+Every row starts from the same teacher (``WORKDIR/teacher/model``, as ``bitdistill demo`` builds it) and adds one
+ingredient to the row above it. Trained rows get the same total optimizer-step budget ``--steps`` (split among
+their stages) with the same batch, so they see the same number of training tokens; the ``+LRC`` row adds its own
+small budget on top of the full BitDistill row and says so. Each row prints held-out **test** perplexity, top-1
+next-token agreement with the teacher and KL(teacher ‖ student), the tokens it trained on and its wall time.
+
+    python benchmarks/ablation.py --workdir runs/tiny --steps 300 [--markdown docs/ablation.md]
+
+Stage outputs go to ``WORKDIR/ablation/<row>/...``; a finished stage is reused by a re-run (the stages resume
+from their checkpoints), so an interrupted benchmark continues where it stopped. ``--fresh`` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitnet.convert import BitNetConfig
+from bitnet.data import iter_eval_batches
+from bitnet.evaluate import compare_to_teacher
+from bitnet.stages import (
+    ConvertStageConfig,
+    CPTStageConfig,
+    KDStageConfig,
+    LayerwiseStageConfig,
+    LRCStageConfig,
+    StageData,
+    convert_teacher,
+    run_student_stage,
+)
+from bitnet.student import load_student
+from bitnet.teacher import load_teacher
+from bitnet.trainer import TrainConfig
+from bitnet.world import World, open_world
+
+
+@dataclass
+class Row:
+    name: str
+    subln: str  # SubLN placement of the converted student
+    stages: list[tuple[str, Any]] = field(default_factory=list)  # (directory name, stage config)
+    base: str | None = None  # a row whose final student this one continues from
+
+
+def _train(steps: int, lr: float, seed: int) -> TrainConfig:
+    return TrainConfig(max_steps=steps, lr=lr, warmup_steps=max(1, steps // 20), weight_decay=0.0,
+                       ckpt_every=max(1, steps // 4), log_every=10, seed=seed, progress=False)
+
+
+def build_rows(total: int, batch_size: int, lr: float, lrc_rank: int, seed: int) -> list[Row]:
+    data = StageData(batch_size=batch_size, eval_batch_size=16, eval_max_batches=4)
+    lw_steps, cpt_steps = max(1, total // 5), max(1, (2 * total) // 5)
+    kd_steps = total - lw_steps - cpt_steps
+
+    def cpt(steps: int, warmup: int) -> CPTStageConfig:
+        return CPTStageConfig(lambda_warmup_steps=warmup, train=_train(steps, lr, seed), data=data)
+
+    def layerwise() -> LayerwiseStageConfig:
+        return LayerwiseStageConfig(train=_train(lw_steps, lr, seed), data=data)
+
+    def kd(objective: str) -> KDStageConfig:
+        return KDStageConfig(objective=objective, train=_train(kd_steps, lr, seed), data=data)
+
+    lrc_steps = max(1, total // 10)
+    lrc = LRCStageConfig(rank=lrc_rank, calib_batches=8, train=_train(lrc_steps, lr, seed), data=data)
+    return [
+        Row("naive ternary PTQ", "none"),
+        Row("BitNet-SFT (QAT, CE only)", "none", [("cpt", cpt(total, 0))]),
+        Row("+SubLN", "standard", [("cpt", cpt(total, 0))]),
+        Row("+λ warm-up (stage 2)", "standard", [("cpt", cpt(total, total // 4))]),
+        Row("+layer-wise distillation (1.9)", "standard",
+            [("layerwise", layerwise()), ("cpt", cpt(total - lw_steps, (total - lw_steps) // 4))]),
+        Row("+KD (BitDistill)", "standard",
+            [("layerwise", layerwise()), ("cpt", cpt(cpt_steps, cpt_steps // 4)), ("kd", kd("bitdistill"))]),
+        Row("+KD (TCS)", "standard",
+            [("layerwise", layerwise()), ("cpt", cpt(cpt_steps, cpt_steps // 4)), ("kd", kd("tcs"))]),
+        Row("+LRC (on +KD BitDistill)", "standard", [("lrc", lrc)], base="+KD (BitDistill)"),
+    ]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    workdir = Path(args.workdir)
+    world: World = open_world(workdir / "world")
+    teacher_dir = Path(args.teacher) if args.teacher else workdir / "teacher" / "model"
+    if not (teacher_dir / "config.json").is_file():
+        raise SystemExit(f"ablation: no teacher at {teacher_dir}: run `make demo` (or `bitdistill demo`) first")
+    root = Path(args.out) if args.out else workdir / "ablation"
+    if args.fresh and root.exists():
+        shutil.rmtree(root)
+    torch.manual_seed(args.seed)
+    teacher = load_teacher(teacher_dir).eval()
+    seq_len = world.info["config"]["seq_len"]
+    test = world.dataset("test")
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return compare_to_teacher(model, teacher, iter_eval_batches(test, 16, args.eval_batches))
+
+    results: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    results.append({"row": "teacher (full precision)", "tokens": 0, "wall_s": 0.0, **evaluate(teacher)})
+    print(_line(results[-1]), flush=True)
+
+    finals: dict[str, Path] = {}
+    for row in build_rows(args.steps, args.batch_size, args.lr, args.lrc_rank, args.seed):
+        t0 = time.perf_counter()
+        if row.base is not None:
+            student_dir, tokens = finals[row.base], results_by_row(results)[row.base]["tokens"]
+        else:
+            student_dir, tokens = root / f"student-{row.subln}", 0
+            if not (student_dir / "bitnet.json").is_file():
+                convert_teacher(ConvertStageConfig(bitnet=BitNetConfig(subln=row.subln)), teacher_dir, student_dir)
+        out = root / _slug(row.name)
+        for stage_name, cfg in row.stages:
+            stage_out = out / stage_name
+            run_student_stage(cfg, student_dir, teacher_dir, world, stage_out)
+            tokens += cfg.train.max_steps * cfg.data.batch_size * seq_len
+            student_dir = stage_out / "model"
+        finals[row.name] = student_dir
+        student = load_student(student_dir).eval()
+        rec = {"row": row.name, "tokens": tokens, "wall_s": time.perf_counter() - t0,
+               "stages": "+".join(n for n, _ in row.stages) or "convert", **evaluate(student)}
+        results.append(rec)
+        print(_line(rec), flush=True)
+    return results
+
+
+def results_by_row(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["row"]: r for r in results}
+
+
+def _line(r: dict[str, Any]) -> str:
+    return (f"{r['row']:<34} ppl {r['ppl']:9.2f}  top1 {r['top1_agreement']:.3f}  kl {r['kl']:.3f}  "
+            f"tokens {r['tokens']:>9,}  {r['wall_s']:7.1f}s")
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    teacher_ppl = results[0]["ppl"]
+    out = [
+        "| row | stages | test ppl | ppl / teacher | top-1 agreement | KL(T‖S) | train tokens | wall time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        out.append(
+            f"| {r['row']} | {r.get('stages', '—')} | {r['ppl']:.2f} | {r['ppl'] / teacher_ppl:.3f} | "
+            f"{r['top1_agreement']:.3f} | {r['kl']:.3f} | {r['tokens']:,} | {r['wall_s']:.0f} s |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="runs/tiny", help="a `bitdistill demo` work directory (world + teacher)")
+    p.add_argument("--teacher", help="teacher HF directory (default: WORKDIR/teacher/model)")
+    p.add_argument("--out", help="where stage outputs go (default: WORKDIR/ablation)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of every trained row (split among stages)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lrc-rank", type=int, default=32)
+    p.add_argument("--eval-batches", type=int, default=None, help="cap on 16-block test batches (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="delete WORKDIR/ablation first")
+    p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--markdown", help="write the table as markdown here")
+    args = p.parse_args(argv)
+    results = run(args)
+    md = table(results)
+    print("\n" + md)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
