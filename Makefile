@@ -16,6 +16,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	@# llama-cpp-python builds llama.cpp from source: it needs a C/C++ compiler and cmake (pip caches the wheel)
+	@command -v g++ >/dev/null && command -v cmake >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q build-essential cmake; }
 	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
 	@touch $(STAMP)
 

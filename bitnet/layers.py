@@ -20,6 +20,11 @@ from torch import nn
 
 from bitnet.quant import act_quant, ternary_codes, weight_quant
 
+try:  # fast paths (kernels/: PyTorch autograd.Function, Triton on CUDA); bitnet works without them
+    from kernels.dispatch import ternary_linear as _kernel_linear
+except ImportError:  # pragma: no cover - kernels/ is shipped with bitnet; only a partial install lacks it
+    _kernel_linear = None
+
 
 class SubLN(nn.RMSNorm):
     """RMSNorm used as BitNet's sub-layer norm (computed in float32, cast back to the input dtype)."""
@@ -90,6 +95,8 @@ class BitLinear(nn.Linear):
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ternary path on an already normalized input."""
         lam = self.quant_lambda
+        if lam == 1.0 and _kernel_linear is not None:  # bit-identical on the PyTorch path (kernels/reference.py)
+            return _kernel_linear(x, self.weight, self.bias)
         return F.linear(act_quant(x, lam), weight_quant(self.weight, lam), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

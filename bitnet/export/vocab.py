@@ -1,0 +1,117 @@
+"""Tokenizer metadata for llama.cpp from a Hugging Face byte-level BPE tokenizer.
+
+llama.cpp's ``gpt2`` tokenizer model is byte-level BPE: the token strings (in the byte-to-unicode alphabet),
+their types, the merges and a named pre-tokenizer (the regex that splits text before BPE). Only a tokenizer
+whose pre-tokenization llama.cpp reproduces gets exported; anything else is a clear error
+(:class:`~bitnet.export.errors.UnsupportedExportError`), because a vocabulary that tokenizes differently would
+load and silently produce other token ids.
+
+The merges and the special-token ids are read with the ``gguf`` package's own ``SpecialVocab`` (the same code
+llama.cpp's converter uses); whether BOS/EOS are added is taken from what the HF tokenizer actually does.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gguf
+
+from bitnet.export.errors import UnsupportedExportError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# pre_tokenizer specs that llama.cpp reproduces, mapped to its ``tokenizer.ggml.pre`` name
+_GPT2_BYTELEVEL = {"type": "ByteLevel", "use_regex": True, "add_prefix_space": False}
+
+
+@dataclass
+class VocabMetadata:
+    """Everything ``tokenizer.ggml.*`` holds for a byte-level BPE vocabulary."""
+
+    tokens: list[str]
+    token_types: list[int]
+    pre: str
+    special: gguf.SpecialVocab
+    n_real: int  # tokens the HF tokenizer knows; the rest are padding rows of the embedding
+    notes: list[str] = field(default_factory=list)
+
+    def add_to(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.tokens)
+        writer.add_token_types(self.token_types)
+        self.special.add_to_gguf(writer, quiet=True)
+
+
+def _pre_tokenizer_name(spec: dict[str, Any], explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    pre = spec.get("pre_tokenizer") or {}
+    if all(pre.get(k, False) == v for k, v in _GPT2_BYTELEVEL.items()) and spec.get("normalizer") is None:
+        return "gpt-2"
+    raise UnsupportedExportError(
+        f"cannot tell which llama.cpp pre-tokenizer reproduces this tokenizer's pre_tokenizer "
+        f"{json.dumps(pre)[:120]}; pass tokenizer_pre=<llama.cpp name> if you know it"
+    )
+
+
+def _check_byte_level_bpe(spec: dict[str, Any]) -> None:
+    model = spec.get("model") or {}
+    decoder = spec.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+        raise UnsupportedExportError(
+            f"only byte-level BPE tokenizers are exported (llama.cpp 'gpt2'); got model {model.get('type')!r} "
+            f"(byte_fallback={bool(model.get('byte_fallback'))}) with decoder {decoder.get('type')!r}"
+        )
+
+
+def _adds(tokenizer: PreTrainedTokenizerBase) -> tuple[bool, bool]:
+    """Whether encoding with special tokens prepends BOS / appends EOS (what the HF tokenizer really does)."""
+    probe = "Hello world"
+    plain = tokenizer.encode(probe, add_special_tokens=False)
+    full = tokenizer.encode(probe, add_special_tokens=True)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = bos is not None and len(full) > len(plain) and full[0] == bos and full[1 : 1 + len(plain)] == plain
+    add_eos = eos is not None and len(full) > len(plain) + int(add_bos) and full[-1] == eos
+    return add_bos, add_eos
+
+
+def vocab_metadata(tokenizer: PreTrainedTokenizerBase, n_vocab: int, *, tokenizer_pre: str | None = None) -> VocabMetadata:
+    """Token list (padded to the embedding's ``n_vocab`` rows), types, merges and special ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UnsupportedExportError(f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer")
+    spec = json.loads(backend.to_str())
+    _check_byte_level_bpe(spec)
+    pre = _pre_tokenizer_name(spec, tokenizer_pre)
+    vocab = tokenizer.get_vocab()
+    if len(vocab) > n_vocab:
+        raise UnsupportedExportError(f"the tokenizer has {len(vocab)} tokens but the embedding only {n_vocab} rows")
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    with tempfile.TemporaryDirectory(prefix="bitdistill-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        special = gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=n_vocab)
+    if not special.merges:
+        raise UnsupportedExportError("the BPE tokenizer has no merges")
+    add_bos, add_eos = _adds(tokenizer)
+    special.add_special_token["bos"] = add_bos
+    special.add_special_token["eos"] = add_eos
+    return VocabMetadata(tokens=tokens, token_types=[int(t) for t in types], pre=pre, special=special, n_real=len(vocab))

@@ -1,0 +1,118 @@
+"""Pick the BitLinear kernel: Triton on CUDA (when ``triton`` imports), the PyTorch path elsewhere.
+
+One switch forces either: the environment variable ``BITDISTILL_KERNEL=auto|torch|triton`` or
+:func:`set_kernel_backend` (which wins over the variable; ``None`` hands control back to it), or the
+:func:`use_kernel_backend` context manager. ``triton`` on CPU tensors only works under ``TRITON_INTERPRET=1``
+(Triton's interpreter, for tests); otherwise forcing it there raises.
+
+``triton`` is optional: this module imports it only when the Triton path is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from types import ModuleType
+from typing import Literal, cast
+
+import torch
+
+from kernels.packing import PackedTernary
+from kernels.reference import ternary_linear_torch
+
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
+ENV_VAR = "BITDISTILL_KERNEL"
+
+_override: Backend | None = None
+
+
+def _validate(name: str) -> Backend:
+    value = name.strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return cast(Backend, value)
+
+
+def set_kernel_backend(name: str | None) -> None:
+    """Force ``torch`` or ``triton`` (or ``auto``) for every BitLinear; ``None`` defers to ``$BITDISTILL_KERNEL``."""
+    global _override
+    _override = None if name is None else _validate(name)
+
+
+def kernel_backend() -> Backend:
+    """The configured backend: :func:`set_kernel_backend`, else ``$BITDISTILL_KERNEL``, else ``auto``."""
+    if _override is not None:
+        return _override
+    return _validate(os.environ.get(ENV_VAR, "auto") or "auto")
+
+
+@contextmanager
+def use_kernel_backend(name: str | None) -> Iterator[None]:
+    global _override
+    previous = _override
+    set_kernel_backend(name)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@cache
+def _triton_module() -> ModuleType | None:
+    if not triton_installed():
+        return None
+    try:
+        from kernels import triton_kernels
+    except Exception:  # a broken triton install must not break the PyTorch path
+        return None
+    return triton_kernels
+
+
+def triton_module() -> ModuleType:
+    mod = _triton_module()
+    if mod is None:
+        raise RuntimeError("the Triton kernel path needs `triton` (pip install 'bitdistill[kernels]')")
+    return mod
+
+
+def resolve_backend(device: torch.device) -> Literal["torch", "triton"]:
+    """What runs for a tensor on ``device`` under the current setting."""
+    choice = kernel_backend()
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if device.type != "cuda" and not triton_module().interpreting():
+            raise RuntimeError(
+                f"{ENV_VAR}=triton needs CUDA tensors (got {device.type}); TRITON_INTERPRET=1 set before triton is "
+                "imported runs the kernels in Triton's CPU interpreter instead"
+            )
+        return "triton"
+    if device.type == "cuda" and _triton_module() is not None:
+        return "triton"
+    return "torch"
+
+
+def ternary_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """BitLinear's quantized forward at λ = 1 (act-quant + ternary matmul, STE backward) on the chosen path."""
+    if resolve_backend(x.device) == "triton":
+        return triton_module().ternary_linear_triton(x, weight, bias)
+    return ternary_linear_torch(x, weight, bias)
+
+
+def packed_linear(
+    x: torch.Tensor, weight: PackedTernary, bias: torch.Tensor | None = None, *, chunk_bytes: int | None = None
+) -> torch.Tensor:
+    """Inference matmul on 2-bit packed weights on the chosen path."""
+    if resolve_backend(x.device) == "triton":
+        return triton_module().packed_linear_triton(x, weight, bias)
+    from kernels.packed_linear import DEFAULT_CHUNK_BYTES, packed_linear_torch
+
+    return packed_linear_torch(x, weight, bias, chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES)
