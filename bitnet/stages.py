@@ -24,7 +24,8 @@ from transformers import AutoTokenizer
 
 from bitnet.attention import capture_qkv
 from bitnet.convert import BitNetConfig, add_lrc, convert_to_bitnet
-from bitnet.data import BlockLoader, iter_eval_batches
+from bitnet.data import BlockLoader, PackedDataset, iter_eval_batches
+from bitnet.data.influence import InfluenceConfig, select_influential, write_subset
 from bitnet.evaluate import perplexity
 from bitnet.io import atomic_dir, write_json_atomic
 from bitnet.layers import bit_linears, set_quant_lambda
@@ -148,6 +149,24 @@ class StageData(BaseModel):
     batch_size: int = Field(default=8, ge=1, description="blocks per micro-batch per process")
     eval_batch_size: int = Field(default=16, ge=1)
     eval_max_batches: int | None = Field(default=None, ge=1)
+    train_data: str | None = Field(
+        default=None,
+        description="a packed dataset to train on instead of the world's train split "
+        "(e.g. an influence selection from `bitdistill select`); same tokenizer as the world",
+    )
+
+
+def stage_train_data(data: StageData, world: World) -> PackedDataset:
+    """The packed dataset a student stage trains on: ``data.train_data`` or the world's train split."""
+    train = world.dataset("train")
+    if data.train_data is None:
+        return train
+    chosen = PackedDataset(data.train_data)
+    if chosen.meta.get("tokenizer_digest") != train.meta.get("tokenizer_digest"):
+        raise ValueError(f"train_data {data.train_data} was tokenized with another tokenizer than the world's")
+    if chosen.seq_len != train.seq_len:
+        raise ValueError(f"train_data {data.train_data} has seq_len {chosen.seq_len}, the world {train.seq_len}")
+    return chosen
 
 
 def _default_student_train() -> TrainConfig:
@@ -362,8 +381,8 @@ def run_student_stage(
     for p in teacher_model.parameters():
         p.requires_grad_(False)
     check_pair(student, teacher_model, cfg)
-    train_ds, val_ds = world.dataset("train"), world.dataset("validation")
     d = cfg.data
+    train_ds, val_ds = stage_train_data(d, world), world.dataset("validation")
     callbacks: list[Callback] = []
     extra: dict[str, Any] = {}
     if isinstance(cfg, LayerwiseStageConfig):
@@ -413,3 +432,34 @@ def run_student_stage(
     if world_size > 1:
         torch.distributed.barrier()
     return metrics
+
+
+# ================================================================================ influence-based data selection
+class SelectConfig(BaseModel):
+    """Pick the training blocks of a stage by gradient similarity to a target split (LESS/TracIn-style)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
+    target_split: Literal["validation", "test"] = "validation"
+    max_candidates: int | None = Field(default=None, ge=1, description="score only the first N train blocks")
+    max_targets: int | None = Field(default=None, ge=1, description="use only the first N target blocks")
+
+
+def select_training_data(cfg: SelectConfig, model_dir: str | Path, world: World, out_dir: str | Path) -> dict[str, Any]:
+    """Score the world's train blocks with ``model_dir`` (a student or an HF model) and write the kept subset.
+
+    The output is a packed dataset that any student stage trains on via ``data.train_data``.
+    """
+    model_dir = Path(model_dir)
+    model = load_student(model_dir) if (model_dir / "bitnet.json").is_file() else load_teacher(model_dir)
+    model = model.to(_device())
+    candidates, targets = world.dataset("train"), world.dataset(cfg.target_split)
+    cand = range(min(len(candidates), cfg.max_candidates or len(candidates)))
+    targ = range(min(len(targets), cfg.max_targets or len(targets)))
+    result = select_influential(model, candidates, targets, cfg.influence, candidate_indices=cand, target_indices=targ)
+    info = {"target_split": cfg.target_split, "model": str(model_dir), **cfg.influence.model_dump(mode="json")}
+    write_subset(candidates, result.indices, out_dir, info=info)
+    stats = {k: v for k, v in result.stats.items() if k != "params"}
+    write_json_atomic(Path(out_dir).with_name(Path(out_dir).name + ".selection.json"), stats)
+    return stats

@@ -197,3 +197,32 @@ def test_kd_stage_resumes_exactly_after_sigkill(teacher_and_student, small_world
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_select_then_train_a_stage_on_the_selection(teacher_and_student, small_world, tmp_path: Path) -> None:
+    teacher, student = teacher_and_student
+    sel = tmp_path / "selected"
+    assert main(["select", "--model", str(teacher), "--world", str(small_world.root), "--out", str(sel),
+                 "--keep", "0.25", "--max-candidates", "64"]) == 0
+    from bitnet.data import PackedDataset
+
+    subset = PackedDataset(sel)
+    assert subset.num_blocks == 16 and subset.meta["subset"]["source_digest"] == small_world.dataset("train").digest
+    stats = json.loads((tmp_path / "selected.selection.json").read_text())
+    assert stats["n_candidates"] == 64 and stats["score_kept_mean"] > stats["score_mean"]
+    data = StageData(batch_size=4, eval_batch_size=8, eval_max_batches=2, train_data=str(sel))
+    m = run_student_stage(CPTStageConfig(lambda_warmup_steps=0, train=short(2), data=data), student, teacher,
+                          small_world, tmp_path / "cpt")
+    assert m["steps"] == 2
+    with pytest.raises(ValueError, match="train_data"):
+        bad = tmp_path / "bad"
+        from bitnet.data.influence import write_subset
+        import numpy as np
+
+        other = write_subset(small_world.dataset("train"), np.arange(4), bad)
+        meta = json.loads((bad / "meta.json").read_text())
+        meta["tokenizer_digest"] = "another"
+        (bad / "meta.json").write_text(json.dumps(meta))
+        _ = other
+        run_student_stage(CPTStageConfig(train=short(1), data=DATA.model_copy(update={"train_data": str(bad)})),
+                          student, teacher, small_world, tmp_path / "cpt-bad")
