@@ -1,4 +1,5 @@
-"""``bitdistill`` command line: build the tiny world, train the teacher, convert, run the offline demo.
+"""``bitdistill`` command line: build the tiny world, train the teacher, convert, run the offline demo,
+export GGUF for llama.cpp and serve it.
 
 Every command takes ``--config FILE`` (YAML or JSON, validated) and a few flags that override it. Bad
 input ends with a one-line ``bitdistill: error: ...`` on stderr and exit code 2.
@@ -110,6 +111,17 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from bitnet.stages import SelectConfig, select_training_data
+    from bitnet.world import open_world
+
+    overrides = {"influence.keep_fraction": args.keep, "max_candidates": args.max_candidates}
+    cfg = load_config(SelectConfig, args.config, overrides)
+    stats = select_training_data(cfg, args.model, open_world(args.world), args.out)
+    print(json.dumps({"out": args.out, **{k: stats[k] for k in ("n_candidates", "n_kept", "score_kept_mean", "seconds")}}))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from bitnet.stages import TeacherStageConfig, train_teacher
     from bitnet.world import WorldConfig, build_world
@@ -123,6 +135,95 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = _demo_report(world.info, metrics, t_world, workdir)
     (workdir / "report.md").write_text(report)
     print(report)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.cli import run_command  # lazy: bitnet never imports prefect at module import time
+
+    return run_command(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bitnet.export import export_gguf
+
+    student = Path(args.student)
+    if not student.is_dir():
+        raise CLIError(f"student directory {student} does not exist")
+    out = Path(args.out)
+    if out.suffix != ".gguf":
+        raise CLIError(f"--out must name a .gguf file, got {out}")
+    lora_out = Path(args.lora_out) if args.lora_out else out.with_name(out.stem + ".lrc.gguf")
+    result = export_gguf(
+        student,
+        out,
+        tokenizer=args.tokenizer,
+        weight_type=args.type,
+        embedding_type=args.embedding_type,
+        tokenizer_pre=args.tokenizer_pre,
+        lora_out=lora_out,
+    )
+    summary = {
+        "gguf": str(result.path),
+        "type": result.weight_type,
+        "bytes": result.file_bytes,
+        "tensors": result.n_tensors,
+        "ternary_bits_per_weight": round(result.bits_per_ternary_weight, 4),
+        "lora_adapter": str(result.lora_path) if result.lora_path else None,
+    }
+    if args.hf_out:  # also a checkpoint that stock transformers loads (its `bitnet` model type)
+        from transformers import AutoTokenizer
+
+        from bitnet.export.hf import save_hf_bitnet
+        from bitnet.student import load_student
+
+        tok_dir = args.tokenizer or (str(student) if (student / "tokenizer_config.json").is_file() else None)
+        tok = AutoTokenizer.from_pretrained(tok_dir) if tok_dir else None
+        summary["hf_checkpoint"] = str(save_hf_bitnet(load_student(student), args.hf_out, tokenizer=tok))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bitnet.serve import ServerUnavailableError, serve
+
+    if not Path(args.model).is_file():
+        raise CLIError(f"model file {args.model} does not exist")
+    try:
+        serve(args.model, host=args.host, port=args.port, lora=args.lora, n_ctx=args.n_ctx, n_threads=args.threads)
+    except ServerUnavailableError as e:
+        raise CLIError(str(e)) from e
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from bitnet.evaluate import EvalConfig, evaluate_model, load_model_for_eval, write_results
+    from bitnet.world import open_world
+
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks is not None else None
+    cfg = load_config(
+        EvalConfig,
+        args.config,
+        {"tasks": tasks, "limit": args.limit, "max_blocks": args.max_blocks, "batch_size": args.batch_size,
+         "num_fewshot": args.num_fewshot, "threads": args.threads, "n_cloze": args.n_cloze},
+    )
+    for flag, file in (("--gguf", args.gguf), ("--lora", args.lora)):
+        if file and not Path(file).is_file():
+            raise CLIError(f"{flag} file {file} does not exist")
+    world = open_world(args.world)
+    model = load_model_for_eval(args.model)
+    model_dir = Path(args.model)
+    tok_source = args.tokenizer or (str(model_dir) if (model_dir / "tokenizer_config.json").is_file() else str(world.tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(tok_source)
+    eval_dir = Path(args.eval_dir) if args.eval_dir else Path(args.world).resolve().parent / "eval"
+    results = evaluate_model(model, tokenizer, world.dataset(cfg.split), eval_dir / f"data-{cfg.split}", cfg,
+                             name=str(args.model), gguf=args.gguf, lora=args.lora)
+    out = Path(args.out) if args.out else eval_dir / f"results-{model_dir.name or 'model'}.json"
+    write_results(results, out)
+    print(results.table())
+    print(f"results: {out}")
     return 0
 
 
@@ -205,11 +306,64 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     st.set_defaults(func=cmd_stage)
 
+    ex = sub.add_parser("export", help="write a student as a llama.cpp GGUF (bitnet arch; TQ2_0, TQ1_0 or F16)")
+    ex.add_argument("--student", required=True, help="student directory (from `convert` or a stage's OUT/model)")
+    ex.add_argument("--out", required=True, help="output .gguf file")
+    ex.add_argument("--type", choices=["tq2_0", "tq1_0", "f16"], default="tq2_0", help="ternary matrices as (default: %(default)s)")
+    ex.add_argument("--embedding-type", choices=["f16", "f32"], default="f16", help="token embedding (default: %(default)s)")
+    ex.add_argument("--tokenizer", help="HF tokenizer directory (default: the student directory)")
+    ex.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name when it cannot be inferred")
+    ex.add_argument("--lora-out", help="LRC adapter GGUF for LRC students (default: OUT with .lrc.gguf)")
+    ex.add_argument("--hf-out", help="also save a transformers 'bitnet' checkpoint (AutoModelForCausalLM loads it) here")
+    ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="serve a GGUF with llama.cpp's OpenAI-compatible HTTP server")
+    sv.add_argument("model", help="the .gguf file")
+    sv.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    sv.add_argument("--port", type=int, default=8000, help="listen port (default: %(default)s)")
+    sv.add_argument("--lora", help="LoRA adapter GGUF to apply (the LRC adapter of an LRC student)")
+    sv.add_argument("--n-ctx", type=int, default=1024, help="context size (default: %(default)s)")
+    sv.add_argument("--threads", type=int, help="CPU threads (default: llama-cpp-python's)")
+    sv.set_defaults(func=cmd_serve)
+
+    ev = sub.add_parser("eval", help="perplexity (PyTorch, lm-eval rolling, llama.cpp) and lm-eval tasks of a model")
+    ev.add_argument("--model", required=True, help="student directory, or an HF model directory / hub id (e.g. the teacher)")
+    ev.add_argument("--world", default=str(DEFAULT_WORKDIR / "world"), help="built world (default: %(default)s)")
+    ev.add_argument("--gguf", help="also evaluate this GGUF through llama.cpp (perplexity on the same blocks)")
+    ev.add_argument("--lora", help="LoRA/LRC adapter GGUF applied with --gguf")
+    ev.add_argument("--tasks", help="comma-separated lm-eval tasks (default: bitdistill_heldout,bitdistill_cloze; '' for none)")
+    ev.add_argument("--config", help="EvalConfig as YAML/JSON")
+    ev.add_argument("--tokenizer", help="HF tokenizer (default: the model directory's, else the world's)")
+    ev.add_argument("--limit", type=int, help="examples per lm-eval task")
+    ev.add_argument("--num-fewshot", type=int, help="few-shot examples for lm-eval tasks")
+    ev.add_argument("--max-blocks", type=int, help="held-out blocks for the PyTorch / llama.cpp perplexity")
+    ev.add_argument("--n-cloze", type=int, help="items of the local cloze task")
+    ev.add_argument("--batch-size", type=int, help="batch size")
+    ev.add_argument("--threads", type=int, help="llama.cpp threads")
+    ev.add_argument("--eval-dir", help="where the local task data is built (default: WORLD/../eval)")
+    ev.add_argument("--out", help="results JSON (default: EVAL_DIR/results-<model dir name>.json)")
+    ev.set_defaults(func=cmd_eval)
+
+    se = sub.add_parser("select", help="influence-based data selection: keep the train blocks most like a target split")
+    se.add_argument("--model", required=True, help="model whose gradients score the data (student or HF directory)")
+    se.add_argument("--world", default=str(DEFAULT_WORKDIR / "world"), help="built world (default: %(default)s)")
+    se.add_argument("--out", required=True, help="output packed dataset (train a stage on it with data.train_data)")
+    se.add_argument("--config", help="SelectConfig as YAML/JSON (influence settings, target split)")
+    se.add_argument("--keep", type=float, help="fraction of the candidates to keep")
+    se.add_argument("--max-candidates", type=int, help="score only the first N train blocks")
+    se.set_defaults(func=cmd_select)
+
     demo = sub.add_parser("demo", help="offline tiny pipeline: build the world and train the teacher")
     demo.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="work directory (default: %(default)s)")
     demo.add_argument("--teacher-config", help="TeacherStageConfig as YAML/JSON")
     demo.add_argument("--steps", type=int, help="teacher optimizer steps")
     demo.set_defaults(func=cmd_demo)
+    run = sub.add_parser("run", help="run the Prefect flow `bitdistill` (all stages, cached and resumable)")
+    run.add_argument("--preset", default="tiny", help="pipeline preset: tiny (offline default) or qwen2.5-0.5b")
+    run.add_argument("--config", help="PipelineConfig (YAML/JSON) merged over the preset")
+    run.add_argument("--root", help="artifact root: a local path, s3:// or gs:// URL")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.set_defaults(func=cmd_run)
     return parser
 
 

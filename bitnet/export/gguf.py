@@ -326,7 +326,7 @@ def _resolve(
         if src is None:
             raise UnsupportedExportError("a tokenizer is needed (the student was passed as a module)")
         tokenizer = src
-    if not hasattr(tokenizer, "encode"):
+    if isinstance(tokenizer, (str, Path)):  # a str has .encode too
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         except (OSError, ValueError) as e:

@@ -1,0 +1,363 @@
+"""Artifact store on fsspec (``file://``, ``s3://``, ``gs://``): content-hashed stage outputs with manifests.
+
+A stage's output lives under ``{root}/{stage}/{key}/``. Files are written first, ``manifest.json`` last; the
+manifest holds the sha256 and size of every file, the stage config, the upstream refs and the metrics. A
+directory without a manifest, with a malformed one, or whose files do not match it is *not done*: it is never
+reported as a finished artifact (the caller recomputes it).
+
+Training code works on local directories, so the store stages data through a local cache for remote roots:
+:meth:`ArtifactStore.work_dir` is where a stage writes (the stage directory itself for local roots, a cache
+directory otherwise), :meth:`ArtifactStore.commit` uploads it and writes the manifest, :meth:`ArtifactStore.fetch`
+returns a verified local copy of an upstream artifact.
+
+An :class:`ArtifactRef` (URI + sha256 of the manifest bytes) is what Prefect tasks pass around and cache.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MANIFEST = "manifest.json"
+VERIFIED_MARKER = ".bitdistill-verified"  # in a local cache copy: the sha256 of the manifest it was checked against
+DEFAULT_EXCLUDE = ("train/checkpoints/*", "*/.*", ".*")  # trainer checkpoints and temporary/hidden files
+
+log = logging.getLogger(__name__)
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, unfinished or unreadable."""
+
+
+class CorruptArtifactError(ArtifactError):
+    """An artifact's files or manifest do not match the hashes that describe them."""
+
+
+class ArtifactRef(BaseModel):
+    """A finished stage output: where it is and the sha256 of its manifest (small, JSON, hashable)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str = Field(description="the stage directory, e.g. s3://bucket/runs/teacher/3f2a…")
+    sha256: str = Field(description="sha256 of the manifest.json bytes", min_length=64, max_length=64)
+    stage: str
+    key: str
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str
+    size: int
+
+
+class Manifest(BaseModel):
+    """What a finished stage directory holds (written last)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: int = 1
+    stage: str
+    key: str
+    files: dict[str, FileEntry]
+    config: dict[str, Any] = Field(default_factory=dict)
+    upstream: dict[str, ArtifactRef] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    code: str = Field(default="", description="digest of the code that produced the artifact")
+    producer: dict[str, Any] = Field(default_factory=dict, description="flow run / task run / host that wrote it")
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+
+class StoreConfig(BaseModel):
+    """Where artifacts live. Credentials never go here: they come from the environment (AWS_*, GOOGLE_*)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    root: str = Field(description="artifact root: a local path, file://, s3:// or gs:// URL")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options without secrets, e.g. {'endpoint_url': ...} for s3"
+    )
+    cache_dir: str | None = Field(default=None, description="local staging directory for remote roots")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bitdistill" / "artifacts"
+
+
+def _excluded(rel: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) for p in patterns)
+
+
+def _local_files(root: Path, exclude: tuple[str, ...]) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            rel = (Path(dirpath) / name).relative_to(root).as_posix()
+            if rel != MANIFEST and not _excluded(rel, exclude):
+                out.append(rel)
+    return out
+
+
+class ArtifactStore:
+    """Stage outputs under ``{root}/{stage}/{key}/`` on any fsspec filesystem."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None, cache_dir: str | Path | None = None):
+        self.fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root_path = path.rstrip("/") if not self.local else str(Path(path).resolve())
+        proto = self.fs.protocol
+        self.protocol = "file" if self.local else (proto[0] if isinstance(proto, tuple) else proto)
+        self.cache_dir = Path(cache_dir) if cache_dir else _default_cache_dir()
+
+    @classmethod
+    def from_config(cls, cfg: StoreConfig) -> ArtifactStore:
+        return cls(cfg.root, cfg.storage_options, cfg.cache_dir)
+
+    # ------------------------------------------------------------------------------------------- locations
+    @property
+    def root_uri(self) -> str:
+        return f"{self.protocol}://{self.root_path}"
+
+    def _path(self, stage: str, key: str, rel: str = "") -> str:
+        p = f"{self.root_path}/{stage}/{key}"
+        return f"{p}/{rel}" if rel else p
+
+    def uri(self, stage: str, key: str) -> str:
+        return f"{self.protocol}://{self._path(stage, key)}"
+
+    def path_of(self, uri: str) -> str:
+        """The filesystem path of a URI inside this store (refs from another root are refused)."""
+        prefix = f"{self.protocol}://"
+        if not uri.startswith(prefix) or not uri[len(prefix):].startswith(self.root_path + "/"):
+            raise ArtifactError(f"{uri} is not inside the artifact root {self.root_uri}")
+        return uri[len(prefix):]
+
+    def work_dir(self, stage: str, key: str) -> Path:
+        """The local directory a stage writes into (the stage directory itself for a local root)."""
+        d = Path(self._path(stage, key)) if self.local else self.cache_dir / self._cache_name(stage, key)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _cache_name(self, stage: str, key: str) -> str:
+        root_id = hashlib.sha256(self.root_uri.encode()).hexdigest()[:12]
+        return f"{root_id}/{stage}/{key}"
+
+    def check(self) -> None:
+        """Fail early, in one line, when the root cannot be written (unreachable, missing credentials, read-only)."""
+        probe = f"{self.root_path}/.bitdistill-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            if self.local:
+                Path(self.root_path).mkdir(parents=True, exist_ok=True)
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm_file(probe)
+        except Exception as e:  # noqa: BLE001 — any backend error means the same thing here
+            msg = " ".join(str(e).split())[:300] or type(e).__name__
+            raise ArtifactError(f"artifact root {self.root_uri} is not writable: {type(e).__name__}: {msg}") from e
+
+    # ----------------------------------------------------------------------------------------- manifests
+    def _read_bytes(self, path: str) -> bytes | None:
+        try:
+            self.fs.invalidate_cache(path)
+            with self.fs.open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def _write_bytes_atomic(self, path: str, data: bytes) -> None:
+        if self.local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        else:  # a single object PUT is atomic on S3 and GCS
+            self.fs.pipe_file(path, data)
+
+    def read_manifest(self, ref: ArtifactRef) -> Manifest:
+        """The manifest of ``ref``; it must be byte-identical to the one the ref was made from."""
+        raw = self._read_bytes(f"{self.path_of(ref.uri)}/{MANIFEST}")
+        if raw is None:
+            raise ArtifactError(f"{ref.uri}: no {MANIFEST} (unfinished or deleted)")
+        if hashlib.sha256(raw).hexdigest() != ref.sha256:
+            raise CorruptArtifactError(f"{ref.uri}: {MANIFEST} changed since the ref was made (sha256 mismatch)")
+        return _parse_manifest(raw, ref.uri)
+
+    def _check_files(self, base: str, manifest: Manifest, deep: bool) -> None:
+        """Raise CorruptArtifactError when a listed file is missing or differs (size, and sha256 when ``deep``)."""
+        self.fs.invalidate_cache(base)
+        for rel, entry in manifest.files.items():
+            path = f"{base}/{rel}"
+            try:
+                size = self.fs.size(path)
+            except FileNotFoundError:
+                raise CorruptArtifactError(f"{base}: {rel} is missing") from None
+            if size != entry.size:
+                raise CorruptArtifactError(f"{base}: {rel} has {size} bytes, the manifest says {entry.size}")
+            if deep:
+                digest = sha256_file(path) if self.local else _sha256_remote(self.fs, path)
+                if digest != entry.sha256:
+                    raise CorruptArtifactError(f"{base}: {rel} sha256 differs from the manifest")
+
+    def lookup(self, stage: str, key: str, *, deep: bool | None = None) -> ArtifactRef | None:
+        """The ref of a finished, intact ``{stage}/{key}``; ``None`` when it is absent, unfinished or corrupt.
+
+        ``deep`` re-hashes every file (default: for local roots; remote roots check sizes here and hashes on fetch).
+        """
+        base = self._path(stage, key)
+        raw = self._read_bytes(f"{base}/{MANIFEST}")
+        if raw is None:
+            return None
+        try:
+            manifest = _parse_manifest(raw, self.uri(stage, key))
+            if (manifest.stage, manifest.key) != (stage, key):
+                raise CorruptArtifactError(f"{self.uri(stage, key)}: manifest is for {manifest.stage}/{manifest.key}")
+            self._check_files(base, manifest, self.local if deep is None else deep)
+        except ArtifactError as e:
+            log.warning("ignoring %s: %s", self.uri(stage, key), e)
+            return None
+        return ArtifactRef(uri=self.uri(stage, key), sha256=hashlib.sha256(raw).hexdigest(), stage=stage, key=key)
+
+    def verify(self, ref: ArtifactRef, *, deep: bool | None = None) -> Manifest:
+        """Check that ``ref`` still describes intact files; raise ArtifactError/CorruptArtifactError otherwise."""
+        manifest = self.read_manifest(ref)
+        self._check_files(self.path_of(ref.uri), manifest, self.local if deep is None else deep)
+        return manifest
+
+    def invalidate(self, stage: str, key: str) -> None:
+        """Mark ``{stage}/{key}`` unfinished (remove its manifest); its files stay for a resume."""
+        path = self._path(stage, key, MANIFEST)
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    # ------------------------------------------------------------------------------------ commit / fetch
+    def commit(
+        self,
+        stage: str,
+        key: str,
+        work: Path,
+        *,
+        config: dict[str, Any] | None = None,
+        upstream: dict[str, ArtifactRef] | None = None,
+        metrics: dict[str, Any] | None = None,
+        code: str = "",
+        producer: dict[str, Any] | None = None,
+        exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+    ) -> ArtifactRef:
+        """Hash the files of ``work``, upload them (remote roots), then write the manifest last."""
+        work = Path(work)
+        base = self._path(stage, key)
+        self.invalidate(stage, key)
+        files = {rel: FileEntry(sha256=sha256_file(work / rel), size=(work / rel).stat().st_size)
+                 for rel in _local_files(work, exclude)}
+        if not self.local:
+            for rel in files:
+                self.fs.put_file(str(work / rel), f"{base}/{rel}")
+        elif Path(base).resolve() != work.resolve():
+            for rel in files:
+                dst = Path(base) / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(work / rel, dst)
+        manifest = Manifest(
+            stage=stage, key=key, files=files, config=config or {}, upstream=upstream or {},
+            metrics=metrics or {}, code=code, producer=producer or {},
+        )
+        raw = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True, default=str).encode()
+        self._write_bytes_atomic(f"{base}/{MANIFEST}", raw)
+        sha = hashlib.sha256(raw).hexdigest()
+        if not self.local:
+            (work / VERIFIED_MARKER).write_text(sha)
+        return ArtifactRef(uri=self.uri(stage, key), sha256=sha, stage=stage, key=key)
+
+    def fetch(self, ref: ArtifactRef) -> Path:
+        """A verified local directory with the files of ``ref`` (downloaded into the cache for remote roots)."""
+        manifest = self.read_manifest(ref)
+        base = self.path_of(ref.uri)
+        if self.local:
+            self._check_files(base, manifest, deep=True)
+            return Path(base)
+        local = self.cache_dir / self._cache_name(ref.stage, ref.key)
+        marker = local / VERIFIED_MARKER
+        if marker.is_file() and marker.read_text() == ref.sha256 and _local_matches(local, manifest):
+            return local
+        marker.unlink(missing_ok=True)
+        for rel, entry in manifest.files.items():
+            dst = local / rel
+            if dst.is_file() and dst.stat().st_size == entry.size and sha256_file(dst) == entry.sha256:
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.fs.get_file(f"{base}/{rel}", str(dst))
+            except FileNotFoundError:
+                raise CorruptArtifactError(f"{ref.uri}: {rel} is missing") from None
+            if sha256_file(dst) != entry.sha256:
+                raise CorruptArtifactError(f"{ref.uri}: {rel} sha256 differs from the manifest")
+        marker.write_text(ref.sha256)
+        return local
+
+
+def _parse_manifest(raw: bytes, where: str) -> Manifest:
+    try:
+        return Manifest.model_validate_json(raw)
+    except (ValidationError, ValueError) as e:
+        raise CorruptArtifactError(f"{where}: malformed {MANIFEST} ({str(e).splitlines()[0]})") from e
+
+
+def _sha256_remote(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _local_matches(local: Path, manifest: Manifest) -> bool:
+    for rel, entry in manifest.files.items():
+        p = local / rel
+        if not p.is_file() or p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
+            return False
+    return True
+
+
+def stage_key(stage: str, material: dict[str, Any]) -> str:
+    """The directory key of a stage output: a hash of everything that determines it (config, inputs, code)."""
+    blob = json.dumps({"stage": stage, **material}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def local_root_uri(path: str | Path) -> str:
+    """``file://`` URI of a local path (made absolute); URLs with a scheme are returned unchanged."""
+    s = str(path)
+    if "://" in s:
+        return s
+    return f"file://{PurePosixPath(Path(s).resolve().as_posix())}"

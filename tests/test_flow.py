@@ -1,0 +1,536 @@
+"""Flow ``bitdistill`` end to end on a 40-file world, its caching, and the artifact store on file:// and s3://."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Prefect reads its settings at import: keep it off ~/.prefect, any configured server and the network.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="bitdistill-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
+
+from bitnet.data import PYTHON_DOCS_DIR, TextSource, python_docs_available  # noqa: E402
+from bitnet.teacher import TinyTeacherConfig  # noqa: E402
+from tasks.artifacts import ArtifactRef, ArtifactStore, CorruptArtifactError  # noqa: E402
+
+STAGES = ["world", "teacher", "convert", "layerwise", "cpt", "kd", "lrc", "export", "eval"]
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not python_docs_available():
+        pytest.fail("the corpus package python3.11-doc is missing: run `make test` (it installs it)")
+    src = tmp_path_factory.mktemp("flow-corpus")
+    for f in sorted(Path(PYTHON_DOCS_DIR).glob("library/*.rst.txt"))[:40]:
+        shutil.copy(f, src / f.name)
+    return src
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def prefect_home(prefect_server, tmp_path: Path):
+    """An isolated PREFECT_HOME (and so result storage / cache records) per test."""
+    from prefect.settings import PREFECT_HOME, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    home = tmp_path / "prefect-home"
+    with temporary_settings(updates={PREFECT_HOME: home, PREFECT_RESULTS_LOCAL_STORAGE_PATH: home / "storage"}):
+        yield home
+
+
+@pytest.fixture
+def code_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Hash a private copy of bitnet/ and kernels/ so concurrent edits of the tree cannot flip the cache; the
+    test may edit the copy."""
+    import tasks.caching
+
+    snap = tmp_path / "code"
+    roots = []
+    for root in tasks.caching.code_roots():
+        shutil.copytree(root, snap / root.name, ignore=shutil.ignore_patterns("__pycache__"))
+        roots.append(snap / root.name)
+    monkeypatch.setattr(tasks.caching, "code_roots", lambda: roots)
+    monkeypatch.delenv("BITDISTILL_CODE_VERSION", raising=False)
+    return snap
+
+
+def tiny_config(corpus: Path, root: str, **over: Any):
+    from flows.config import PipelineConfig, deep_merge
+
+    train = {"lr": 2e-3, "warmup_steps": 1, "log_every": 1, "progress": False, "ckpt_every": 2}
+    data = {"batch_size": 4, "eval_batch_size": 8, "eval_max_batches": 2}
+    student = {"train": {**train, "max_steps": 3}, "data": data}
+    cfg: dict[str, Any] = {
+        "store": {"root": root},
+        "tracking": {"enabled": False},
+        "world": {"config": {"source": TextSource(kind="dir", path=str(corpus), glob="*.rst.txt").model_dump(),
+                             "split_fractions": [0.8, 0.1, 0.1], "vocab_size": 512, "seq_len": 64}},
+        "teacher": {"config": {
+            "model": TinyTeacherConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=128).model_dump(),
+            "train": {**train, "max_steps": 6, "lr": 5e-3}, "batch_size": 8, "eval_batch_size": 8,
+            "eval_max_batches": 2}},
+        "layerwise": {"config": student},
+        "cpt": {"config": {**student, "lambda_warmup_steps": 2}},
+        "kd": {"config": student},
+        "lrc": {"config": {**student, "rank": 4, "calib_batches": 2}},
+        "eval": {"config": {"batch_size": 8, "max_batches": 2}},
+    }
+    return PipelineConfig.model_validate(deep_merge(cfg, over))
+
+
+def run_flow(cfg) -> tuple[Any, dict[str, str], float]:
+    from flows.bitdistill import bitdistill
+
+    t0 = time.perf_counter()
+    state = bitdistill(config=cfg, return_state=True)
+    wall = time.perf_counter() - t0
+    assert state.is_completed(), state
+    summary = state.result()
+    return summary, {r.stage: r.state for r in summary.stages if r.state}, wall
+
+
+# ------------------------------------------------------------------------------------------------ flow
+def test_tiny_flow_end_to_end_cached_rerun_and_invalidation(prefect_home, corpus, code_snapshot, tmp_path):
+    root = tmp_path / "artifacts"
+    cfg = tiny_config(corpus, str(root))
+
+    summary, states, t_first = run_flow(cfg)
+    assert states == {s: "Completed" for s in STAGES}, states
+    assert summary.evaluation["student_ppl"] > 1 and 0 <= summary.evaluation["student_top1_agreement"] <= 1
+    student = Path(summary.student.removeprefix("file://"))
+    assert (student / "manifest.json").is_file() and (student / "model" / "model.safetensors").is_file()
+    gguf = Path(summary.gguf.removeprefix("file://"))
+    assert gguf.is_file() and (gguf.parent / "lrc-lora.gguf").is_file()  # the LRC student's adapter
+    assert summary.row("lrc").perplexity and summary.row("teacher").final_loss
+    assert Path(summary.report.removeprefix("file://")).read_text().startswith("# bitdistill")
+
+    # a second run with the same config: every stage is a Prefect cache hit
+    summary2, states, t_cached = run_flow(cfg)
+    assert states == {s: "Cached" for s in STAGES}, states
+    assert summary2.student == summary.student
+    print(f"tiny flow: first run {t_first:.1f} s, fully cached re-run {t_cached:.1f} s")
+
+    # one stage's config changes: that stage and those after it re-run, nothing before it
+    cfg_kd = tiny_config(corpus, str(root), kd={"config": {"temperature": 2.0}})
+    _, states, _ = run_flow(cfg_kd)
+    assert states == {**{s: "Cached" for s in STAGES[:5]}, **{s: "Completed" for s in STAGES[5:]}}, states
+
+    # the training math changes (the digest of the bitnet code a stage imports): the stages that run it re-run,
+    # the world build (which does not import bitnet/objectives.py) stays cached
+    objectives = code_snapshot / "bitnet" / "objectives.py"
+    objectives.write_text(objectives.read_text() + "\n# changed\n")
+    cfg_short = tiny_config(corpus, str(root), **{s: {"enabled": False} for s in STAGES[3:]})
+    _, states, _ = run_flow(cfg_short)
+    assert states == {"world": "Cached", "teacher": "Completed", "convert": "Completed"}, states
+
+
+def test_code_digest_covers_what_a_stage_imports(code_snapshot, monkeypatch):
+    from tasks.caching import code_digest
+    from tasks.stages import TRAIN_CODE, WORLD_CODE
+
+    world, train = code_digest(WORLD_CODE), code_digest(TRAIN_CODE)
+    (code_snapshot / "bitnet" / "unused_new_module.py").write_text("X = 1\n")  # imported by nothing
+    assert (code_digest(WORLD_CODE), code_digest(TRAIN_CODE)) == (world, train)
+    trainer = code_snapshot / "bitnet" / "trainer.py"  # run by the training stages only
+    trainer.write_text(trainer.read_text() + "\n# changed\n")
+    assert code_digest(WORLD_CODE) == world and code_digest(TRAIN_CODE) != train
+    train = code_digest(TRAIN_CODE)
+    kernel = code_snapshot / "kernels" / "reference.py"  # BitLinear's CPU path lives outside bitnet/
+    kernel.write_text(kernel.read_text() + "\n# changed\n")
+    assert code_digest(TRAIN_CODE) != train
+    monkeypatch.setenv("BITDISTILL_CODE_VERSION", "v1")
+    assert code_digest(TRAIN_CODE) == code_digest(WORLD_CODE) == "pinned:v1"
+
+
+def test_lost_prefect_storage_and_corrupt_artifact(prefect_home, corpus, code_snapshot, tmp_path):
+    """Results survive losing Prefect's storage (valid manifests are reused); a corrupted file is recomputed."""
+    root = tmp_path / "artifacts"
+    cfg = tiny_config(corpus, str(root), **{s: {"enabled": False} for s in STAGES[3:]})
+    summary, states, _ = run_flow(cfg)
+    assert set(states.values()) == {"Completed"}
+
+    shutil.rmtree(prefect_home / "storage")  # Prefect's cache records are gone
+    summary2, states, _ = run_flow(cfg)
+    assert set(states.values()) == {"Completed"} and {r.status for r in summary2.stages[:3]} == {"reused"}
+    assert summary2.student == summary.student
+
+    teacher = Path(summary.row("teacher").uri.removeprefix("file://"))
+    (teacher / "metrics.json").write_text('{"tampered": true}')  # same manifest, different bytes
+    summary3, states, _ = run_flow(cfg)
+    assert states == {"world": "Cached", "teacher": "Completed", "convert": "Completed"}, states
+    assert summary3.row("teacher").status == "completed"
+    assert ArtifactStore(str(root)).lookup("teacher", summary3.row("teacher").uri.rsplit("/", 1)[1]) is not None
+
+
+def test_tiny_flow_on_s3(prefect_home, corpus, code_snapshot, s3_server, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)
+    fs.mkdir("bitdistill")
+    cfg = tiny_config(corpus, "s3://bitdistill/runs", store={"storage_options": {"endpoint_url": s3_server},
+                                                            "cache_dir": str(tmp_path / "cache")})
+    summary, states, _ = run_flow(cfg)
+    assert states == {s: "Completed" for s in STAGES}, states
+    assert summary.gguf.startswith("s3://bitdistill/runs/export/") and fs.exists(summary.gguf.removeprefix("s3://"))
+    assert fs.exists(f"{summary.student.removeprefix('s3://')}/manifest.json")
+    assert not fs.exists(f"{summary.row('cpt').uri.removeprefix('s3://')}/train/checkpoints")  # checkpoints stay local
+    _, states, _ = run_flow(cfg)
+    assert set(states.values()) == {"Cached"}
+
+
+def _flow_subprocess(cfg_file: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "bitnet.cli", "run", "--config", str(cfg_file)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_sigkill_mid_stage_then_rerun_resumes(corpus, tmp_path):
+    """Kill the flow process (and its ephemeral API server) while CPT trains; a new run reuses the finished
+    stages from Prefect's cache and CPT continues from its last trainer checkpoint."""
+    root = tmp_path / "artifacts"
+    cfg = tiny_config(corpus, str(root), cpt={"config": {"train": {"max_steps": 120, "ckpt_every": 5}}},
+                      export={"enabled": False})
+    cfg_file = tmp_path / "pipeline.json"
+    cfg_file.write_text(cfg.model_dump_json())
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
+           "BITDISTILL_CODE_VERSION": "resume-test"}  # pinned: concurrent edits of bitnet/ must not change keys
+    env.pop("PREFECT_API_URL", None)
+
+    proc = _flow_subprocess(cfg_file, env)
+    deadline = time.monotonic() + 240
+    ckpts: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpts = sorted(root.glob("cpt/*/train/checkpoints/step-*[0-9]"))
+        if len(ckpts) >= 2:
+            break
+        time.sleep(0.2)
+    try:
+        assert ckpts and proc.poll() is None, proc.communicate(timeout=5)[0][-3000:] if proc.poll() else "timeout"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the flow process and the API server it started
+        proc.wait(timeout=30)
+    killed_at = int(ckpts[-1].name.split("-")[1])
+    cpt_dir = ckpts[-1].parents[2]
+    assert not (cpt_dir / "manifest.json").exists()
+
+    proc = _flow_subprocess(cfg_file, env)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    result, _ = json.JSONDecoder().raw_decode(out[out.rindex("{\n"):])
+    summary = json.loads(Path(result["report"].removeprefix("file://")).with_name("summary.json").read_text())
+    states = {r["stage"]: r["state"] for r in summary["stages"] if r["state"]}
+    assert states == {**{s: "Cached" for s in STAGES[:4]}, **{s: "Completed" for s in [*STAGES[4:7], "eval"]}}, states
+    metrics = json.loads((cpt_dir / "metrics.json").read_text())
+    assert metrics["resumed_from"] is not None and metrics["resumed_from"] >= killed_at, (metrics, killed_at)
+    assert metrics["steps"] == 120
+    print(f"killed CPT after checkpoint step {killed_at}; rerun resumed from step {metrics['resumed_from']}")
+
+
+def test_failing_stage_fails_the_run_and_retries(prefect_home, corpus, code_snapshot, tmp_path, monkeypatch):
+    import bitnet.stages
+    from flows.bitdistill import bitdistill
+
+    real = bitnet.stages.run_student_stage
+    calls: list[str] = []
+
+    def flaky(cfg, *args, **kwargs):
+        calls.append(cfg.kind)
+        if cfg.kind == "kd" and calls.count("kd") == 1:
+            raise RuntimeError("simulated worker loss in kd")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(bitnet.stages, "run_student_stage", flaky)
+    root = str(tmp_path / "artifacts")
+    cfg = tiny_config(corpus, root, export={"enabled": False}, kd={"retries": 1, "retry_delay_s": 0})
+    _, states, _ = run_flow(cfg)  # the per-stage retry absorbs the first failure
+    assert states["kd"] == "Completed" and calls.count("kd") == 2
+
+    cfg = tiny_config(corpus, root, export={"enabled": False}, kd={"config": {"temperature": 3.0}})
+    calls.clear()
+    state = bitdistill(config=cfg, return_state=True)
+    assert state.is_failed() and "simulated worker loss in kd" in str(state.message)
+    _, states, _ = run_flow(cfg)  # the cause is gone: a new run recomputes only what is missing
+    assert states == {**{s: "Cached" for s in STAGES[:5]}, "kd": "Completed", "lrc": "Completed",
+                      "eval": "Completed"}, states
+
+
+def test_invalid_pipeline_config_is_rejected_before_any_work(prefect_home, tmp_path):
+    from flows.bitdistill import bitdistill
+
+    root = tmp_path / "artifacts"
+    with pytest.raises(Exception, match=r"config\.kd\.config\.temperature"):
+        bitdistill(config={"store": {"root": str(root)}, "kd": {"config": {"temperature": -1}}})
+    assert not root.exists()
+
+
+def test_unwritable_artifact_root_is_a_one_line_error(prefect_home, tmp_path, capsys):
+    from bitnet.cli import main
+
+    assert main(["run", "--root", "/proc/bitdistill-test/artifacts"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bitdistill: error: artifact root file:///proc/bitdistill-test/artifacts is not writable")
+    assert "\n" not in err
+
+
+def test_cli_rejects_unknown_preset_and_bad_config(tmp_path, capsys):
+    from bitnet.cli import main
+
+    assert main(["run", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("layerwise: {enabled: true}\nconvert: {enabled: false}\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "need the convert stage" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------- artifact store
+def _write_stage(work: Path) -> None:
+    (work / "model").mkdir(parents=True)
+    (work / "model" / "weights.bin").write_bytes(os.urandom(4096))
+    (work / "metrics.json").write_text('{"loss": 1.5}')
+    (work / "train" / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (work / "train" / "checkpoints" / "step-00000001" / "model.safetensors").write_bytes(b"ckpt")
+
+
+def check_store(store: ArtifactStore, corrupt_file: Any, corrupt_manifest: Any) -> ArtifactRef:
+    assert store.lookup("teacher", "k1") is None  # nothing there
+    work = store.work_dir("teacher", "k1")
+    _write_stage(work)
+    assert store.lookup("teacher", "k1") is None  # files without a manifest: unfinished
+    ref = store.commit("teacher", "k1", work, config={"lr": 1}, metrics={"train_loss": 1.5})
+    again = store.lookup("teacher", "k1", deep=True)
+    assert again == ref and ref.model_validate_json(ref.model_dump_json()) == ref
+    manifest = store.verify(ref, deep=True)
+    assert set(manifest.files) == {"model/weights.bin", "metrics.json"}  # checkpoints are not part of the artifact
+    assert manifest.config == {"lr": 1} and manifest.metrics == {"train_loss": 1.5}
+    local = store.fetch(ref)
+    assert (local / "model" / "weights.bin").read_bytes() == (work / "model" / "weights.bin").read_bytes()
+
+    corrupt_file("teacher/k1/model/weights.bin")  # same size, different bytes
+    assert store.lookup("teacher", "k1", deep=True) is None
+    with pytest.raises(CorruptArtifactError):
+        store.verify(ref, deep=True)
+
+    ref2 = store.commit("teacher", "k2", work)
+    corrupt_manifest("teacher/k2/manifest.json")
+    assert store.lookup("teacher", "k2") is None
+    with pytest.raises(CorruptArtifactError):
+        store.read_manifest(ref2)
+    return ref
+
+
+def test_local_store(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+
+    def corrupt_file(rel: str) -> None:
+        p = root / rel
+        p.write_bytes(bytes(b ^ 0xFF for b in p.read_bytes()))
+
+    def corrupt_manifest(rel: str) -> None:
+        (root / rel).write_text("{not json")
+
+    check_store(ArtifactStore(str(root)), corrupt_file, corrupt_manifest)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch):
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_SESSION_TOKEN": "testing"}.items():
+        monkeypatch.setenv(k, v)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def test_s3_store(s3_server: str, tmp_path: Path) -> None:
+    import s3fs
+
+    opts = {"endpoint_url": s3_server}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    fs.mkdir("artifacts")
+    store = ArtifactStore("s3://artifacts/runs", {**opts, "skip_instance_cache": True}, cache_dir=tmp_path / "cache")
+    assert store.root_uri == "s3://artifacts/runs"
+
+    def corrupt_file(rel: str) -> None:
+        p = f"artifacts/runs/{rel}"
+        fs.pipe_file(p, bytes(b ^ 0xFF for b in fs.cat_file(p)))
+
+    def corrupt_manifest(rel: str) -> None:
+        fs.pipe_file(f"artifacts/runs/{rel}", b"{not json")
+
+    ref = check_store(store, corrupt_file, corrupt_manifest)
+    # a fresh local cache downloads the (corrupted) remote files and refuses them
+    other = ArtifactStore("s3://artifacts/runs", {**opts, "skip_instance_cache": True}, cache_dir=tmp_path / "cache2")
+    with pytest.raises(CorruptArtifactError):
+        other.fetch(ref)
+
+
+# ---------------------------------------------------------------------------------------- deployments
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen[str]) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early: {proc.communicate()[0][-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@pytest.mark.slow
+def test_deployments_against_a_real_server(corpus, tmp_path):
+    """prefect server + process work pool + worker: `prefect deployment run bitdistill/full` runs the tiny
+    pipeline to completion; `bitdistill/eval-only` then reuses every training stage."""
+    repo = Path(__file__).resolve().parents[1]
+    prefect = str(Path(sys.executable).parent / "prefect")
+    port = _free_port()
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/server.db",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": "1",
+           "BITDISTILL_CODE_VERSION": "deployment-test"}
+    root = tmp_path / "artifacts"
+    params = json.dumps({"config": json.loads(tiny_config(corpus, str(root)).model_dump_json())})
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        p = subprocess.Popen([prefect, *args], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+        procs.append(p)
+        return p
+
+    def cli(*args: str, timeout: float = 120) -> str:
+        r = subprocess.run([prefect, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, (args, r.stdout[-3000:], r.stderr[-3000:])
+        return r.stdout
+
+    try:
+        server = start("server", "start", "--host", "127.0.0.1", "--port", str(port))
+        _wait_http(f"http://127.0.0.1:{port}/api/health", 120, server)
+        cli("work-pool", "create", "bitdistill-process", "--type", "process")
+        out = cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+        assert "bitdistill/full" in out and "bitdistill/retrain-weekly" in out and "bitdistill/eval-only" in out
+        start("worker", "start", "--pool", "bitdistill-process")
+        t0 = time.perf_counter()
+        out = cli("deployment", "run", "bitdistill/full", "--params", params, "--watch", timeout=600)
+        t_full = time.perf_counter() - t0
+        assert "Completed" in out, out[-2000:]
+        assert list(root.glob("export/*/student.gguf"))
+        summaries = [json.loads(p.read_text()) for p in root.glob("runs/*/summary.json")]
+        assert len(summaries) == 1 and {r["status"] for r in summaries[0]["stages"][:7]} == {"completed"}
+
+        eval_params = json.dumps({"config": {**json.loads(params)["config"], "reuse_only": True}})
+        out = cli("deployment", "run", "bitdistill/eval-only", "--params", eval_params, "--watch", timeout=600)
+        assert "Completed" in out, out[-2000:]
+        summaries = [json.loads(p.read_text()) for p in root.glob("runs/*/summary.json")]
+        latest = max(summaries, key=lambda s: len([r for r in s["stages"] if r["cached"]]))
+        assert all(r["cached"] for r in latest["stages"][:7]), latest["stages"]
+        print(f"`prefect deployment run bitdistill/full --watch` on the tiny test config: {t_full:.1f} s")
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    port = _free_port()
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    proc = subprocess.Popen(
+        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+         "--artifacts-destination", str(tmp_path / "mlartifacts")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def test_mlflow_lineage(prefect_home, corpus, code_snapshot, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    cfg = tiny_config(corpus, str(tmp_path / "artifacts"), tracking={"enabled": True, "uri": mlflow_server})
+    summary, states, _ = run_flow(cfg)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("bitdistill")
+
+    def runs(filter_string: str) -> list[Any]:
+        return client.search_runs([exp.experiment_id], filter_string=filter_string,
+                                  order_by=["attributes.start_time ASC"])
+
+    parents = runs("tags.`bitdistill.preset` = 'tiny'")
+    assert len(parents) == 1 and parents[0].data.tags["bitdistill.prefect_flow_run_id"] not in ("", "None")
+    parent = parents[0].info.run_id
+    stages = {r.data.tags["bitdistill.stage"]: r for r in runs(f"tags.`mlflow.parentRunId` = '{parent}'")}
+    assert set(stages) == set(STAGES)
+    teacher = stages["teacher"]
+    assert teacher.data.params["train.max_steps"] == "6" and teacher.data.tags["bitdistill.cached"] == "false"
+    assert len(client.get_metric_history(teacher.info.run_id, "train/loss")) == 6
+    files = {a.path for a in client.list_artifacts(teacher.info.run_id)}
+    files |= {a.path for a in client.list_artifacts(teacher.info.run_id, "plots")}
+    assert {"manifest.json", "plots/loss_curve.png"} <= files, files
+    inputs = {d.dataset.name: d.dataset.digest for d in teacher.inputs.dataset_inputs}
+    assert set(inputs) == {"world-train", "world-validation"} and all(inputs.values())
+    assert stages["kd"].data.tags["bitdistill.upstream_run.student"] == stages["cpt"].info.run_id
+    models = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert len(models) == 1 and models[0].tags["bitdistill.artifact_uri"] == summary.student
+
+    # a cached re-run: the stages appear again, linked to the runs that produced their artifacts
+    _, states, _ = run_flow(cfg)
+    assert set(states.values()) == {"Cached"}
+    parent2 = runs("tags.`bitdistill.preset` = 'tiny'")[-1].info.run_id
+    cached = {r.data.tags["bitdistill.stage"]: r for r in runs(f"tags.`mlflow.parentRunId` = '{parent2}'")}
+    assert set(cached) == set(STAGES) and all(r.data.tags["bitdistill.cached"] == "true" for r in cached.values())
+    assert cached["teacher"].data.tags["bitdistill.produced_by_run_id"] == teacher.info.run_id
