@@ -53,10 +53,11 @@ def run_command(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
     from tasks.artifacts import ArtifactError
+    from tasks.compute import ComputeError
 
     try:
         summary = bitdistill(config=cfg)
-    except ArtifactError as e:
+    except (ArtifactError, ComputeError) as e:
         raise CLIError(str(e)) from e
     width = max(len(r.stage) for r in summary.stages)
     for r in summary.stages:

@@ -29,12 +29,14 @@ from bitnet.stages import (
 from bitnet.trainer import TrainConfig
 from bitnet.world import WorldConfig
 from tasks.artifacts import StoreConfig, local_root_uri
-from tasks.stages import EvalConfig, ExportConfig
+from tasks.compute import ComputeConfig
+from tasks.execute import EvalConfig, ExportConfig
 from tasks.tracking import TrackingConfig
 
 C = TypeVar("C", bound=BaseModel)
 
 STUDENT_STAGES = ("layerwise", "cpt", "kd", "lrc")
+STAGES = ("world", "teacher", "convert", *STUDENT_STAGES, "export", "eval")
 
 
 class Step(BaseModel, Generic[C]):
@@ -45,6 +47,8 @@ class Step(BaseModel, Generic[C]):
     enabled: bool = True
     retries: int = Field(default=0, ge=0, description="Prefect task retries of this stage")
     retry_delay_s: float = Field(default=10.0, ge=0)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig,
+                                   description="where the stage runs: backend local | torchrun | skypilot")
     config: C
 
 
@@ -111,6 +115,10 @@ class PipelineConfig(BaseModel):
             raise ValueError(f"stages {students} need the world stage (world.enabled is false)")
         if (self.convert.enabled or students) and not self.teacher.enabled:
             raise ValueError("the student stages need a teacher (teacher.enabled is false)")
+        remote = [name for name in STAGES if getattr(self, name).enabled and getattr(self, name).compute.remote]
+        if remote and not self.store.root.startswith(("s3://", "gs://")):
+            raise ValueError(f"stages {remote} run on a remote backend and need an s3:// or gs:// store.root "
+                             f"(got {self.store.root})")
         return self
 
     def resolved(self) -> PipelineConfig:

@@ -16,9 +16,10 @@ from prefect import Task, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.config import PipelineConfig, Step
+from flows.config import STAGES, PipelineConfig, Step
 from flows.report import RunSummary, StageRow, markdown, stage_numbers
 from tasks.artifacts import ArtifactError, ArtifactRef, ArtifactStore
+from tasks.compute import preflight
 from tasks.tracking import Lineage
 
 
@@ -28,6 +29,10 @@ class StageRunner:
         self.store = ArtifactStore.from_config(cfg.store)
         self.store.check()
         self.logger = get_run_logger()
+        for name in STAGES:  # missing credentials of a remote backend: fail before any stage runs
+            step = getattr(cfg, name)
+            if step.enabled and step.compute.remote:
+                preflight(step.compute, cfg.store)
         self.summary = RunSummary(preset=cfg.preset, flow_run=flow_run.name, root=self.store.root_uri)
         self.lineage = Lineage(cfg.tracking, self.store, cfg.preset, flow_run.id, flow_run.name,
                                cfg.model_dump(mode="json"), self.logger)
@@ -44,8 +49,11 @@ class StageRunner:
         t = task.with_options(retries=step.retries, retry_delay_seconds=step.retry_delay_s, task_run_name=name)
         t0 = time.perf_counter()
         inputs["store"] = self.cfg.store
-        if self.cfg.reuse_only and "reuse_only" in inspect.signature(task.fn).parameters:
+        params = inspect.signature(task.fn).parameters
+        if self.cfg.reuse_only and "reuse_only" in params:
             inputs["reuse_only"] = True
+        if "compute" in params:
+            inputs["compute"] = step.compute
         state = t(**inputs, return_state=True)
         if state.is_completed() and state.name == "Cached" and not self._still_valid(name, state.result()):
             state = t.with_options(refresh_cache=True)(**inputs, return_state=True)

@@ -126,6 +126,6 @@ class SourceDigest(CachePolicy):
 
 
 def stage_cache_policy(*modules: str) -> CachePolicy:
-    """INPUTS (minus ``reuse_only``, which decides whether a stage may compute, not what it holds) + TASK_SOURCE
-    + the digest of the code reachable from ``modules``."""
-    return (INPUTS - "reuse_only") + TASK_SOURCE + CodeDigest(modules=modules)
+    """INPUTS (minus ``reuse_only`` and ``compute``, which decide whether and where a stage computes, not what it
+    holds) + TASK_SOURCE + the digest of the code reachable from ``modules``."""
+    return (INPUTS - "reuse_only" - "compute") + TASK_SOURCE + CodeDigest(modules=modules)

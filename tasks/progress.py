@@ -33,8 +33,9 @@ class TrainProgress:
     """Context manager: while the body trains, report ``metrics.jsonl`` progress every ``interval`` seconds."""
 
     def __init__(self, stage: str, metrics_file: Path, max_steps: int, logger: logging.Logger | logging.LoggerAdapter,
-                 interval: float = 5.0) -> None:
+                 interval: float = 5.0, artifact: bool = True) -> None:
         self.stage, self.metrics_file, self.max_steps = stage, metrics_file, max_steps
+        self.artifact = artifact  # False outside a Prefect run (the worker): log lines only
         self.logger, self.interval = logger, interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -42,12 +43,13 @@ class TrainProgress:
         self._last_step = -1
 
     def __enter__(self) -> TrainProgress:
-        try:
-            from prefect.artifacts import create_progress_artifact
+        if self.artifact:
+            try:
+                from prefect.artifacts import create_progress_artifact
 
-            self._artifact = create_progress_artifact(0.0, description=f"{self.stage}: training progress")
-        except Exception as e:  # reporting must never break training
-            self.logger.debug("no progress artifact: %s", e)
+                self._artifact = create_progress_artifact(0.0, description=f"{self.stage}: training progress")
+            except Exception as e:  # reporting must never break training
+                self.logger.debug("no progress artifact: %s", e)
         ctx = contextvars.copy_context()
         self._thread = threading.Thread(target=ctx.run, args=(self._loop,), name=f"{self.stage}-progress", daemon=True)
         self._thread.start()

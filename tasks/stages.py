@@ -1,23 +1,22 @@
 """One thin Prefect task per stage: stage config + upstream ``ArtifactRef``s in, an ``ArtifactRef`` out.
 
-Each task resolves its upstream artifacts to verified local directories, runs the ``bitnet`` stage function
-into the stage's work directory and commits it to the artifact store (files first, manifest last). A stage whose
-``{stage}/{key}`` already holds a valid manifest returns it without recomputing (so results survive the loss of
-Prefect's own result storage); a killed stage re-runs in the same directory and the trainer resumes from its
-checkpoints. Caching: INPUTS + TASK_SOURCE + a digest of the ``bitnet/`` sources, results persisted as JSON.
+Each task computes the stage's key (config, upstream manifests, code digest) and returns ``{stage}/{key}`` when it
+already holds a valid manifest (so results survive the loss of Prefect's own result storage). Otherwise it builds
+a :class:`~tasks.execute.StageRequest` and hands it to the stage's compute backend (``tasks/compute.py``: in-process
+by default, ``torchrun`` or SkyPilot through ``python -m tasks.worker``), which runs the ``bitnet`` stage function
+and commits the artifact (files first, manifest last); a killed stage re-runs in the same directory and the trainer
+resumes from its checkpoints. Caching: INPUTS (minus ``reuse_only`` and ``compute``) + TASK_SOURCE + a digest of
+the ``bitnet/`` sources, results persisted as JSON.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
-import socket
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import get_run_logger, task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from bitnet.stages import (
     ConvertStageConfig,
@@ -30,10 +29,13 @@ from bitnet.stages import (
 from bitnet.world import WorldConfig
 from tasks.artifacts import ArtifactError, ArtifactRef, ArtifactStore, StoreConfig, stage_key
 from tasks.caching import SourceDigest, code_digest, stage_cache_policy
+from tasks.compute import ComputeConfig, run_request
+from tasks.execute import EvalConfig, ExportConfig, StageRequest
 from tasks.progress import TrainProgress
 
+__all__ = ["EvalConfig", "ExportConfig", "STUDENT_TASKS", "run_stage"]
+
 StudentConfig = LayerwiseStageConfig | CPTStageConfig | KDStageConfig | LRCStageConfig
-Compute = Callable[[Path, dict[str, Path]], dict[str, Any]]
 
 # the bitnet modules each stage runs (their import closure is part of the cache key and the artifact key)
 WORLD_CODE = ("bitnet.world",)
@@ -52,33 +54,27 @@ TASK_OPTIONS: dict[str, Any] = {
 def _producer() -> dict[str, Any]:
     from prefect.runtime import flow_run, task_run
 
-    return {"flow_run_id": flow_run.id, "flow_run_name": flow_run.name, "task_run_id": task_run.id,
-            "host": socket.gethostname()}
+    return {"flow_run_id": flow_run.id, "flow_run_name": flow_run.name, "task_run_id": task_run.id}
 
 
-def _finite(obj: Any) -> Any:
-    """Metrics as strict JSON: non-finite floats become None."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
+def _train_progress(stage: str, work: Path, max_steps: int) -> TrainProgress:
+    return TrainProgress(stage, work / "train" / "metrics.jsonl", max_steps, get_run_logger())
 
 
 def run_stage(
+    op: str,
     stage: str,
     cfg: BaseModel | None,
     store_cfg: StoreConfig,
     upstream: dict[str, ArtifactRef],
-    compute: Compute,
     *,
     code_modules: tuple[str, ...],
+    compute: ComputeConfig | None = None,
     key_material: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
     reuse_only: bool = False,
 ) -> ArtifactRef:
-    """Return the finished ``stage`` output for these inputs, computing and committing it when needed.
+    """Return the finished ``stage`` output for these inputs, running ``op`` on ``compute`` when needed.
 
     ``reuse_only`` (eval-only runs): a stage that is not finished yet raises instead of computing.
     """
@@ -94,73 +90,46 @@ def run_stage(
         return ref
     if reuse_only:
         raise ArtifactError(f"{stage}: no finished artifact at {store.uri(stage, key)} and this run is reuse-only")
-    store.invalidate(stage, key)  # a corrupt or stale manifest must not survive a crash of the recomputation
-    local = {name: store.fetch(ref) for name, ref in upstream.items()}
-    work = store.work_dir(stage, key)
-    logger.info("%s: computing into %s", stage, work)
-    metrics = compute(work, local)
-    ref = store.commit(stage, key, work, config=config, upstream=upstream, metrics=_finite(metrics), code=code,
-                       producer=_producer())
-    logger.info("%s: committed %s", stage, ref.uri)
-    return ref
-
-
-def teacher_source(store_cfg: StoreConfig, teacher: ArtifactRef, local: Path) -> str:
-    """What ``load_teacher`` gets: a pretrained model id recorded in the manifest, else the local ``model/`` dir."""
-    manifest = ArtifactStore.from_config(store_cfg).read_manifest(teacher)
-    return str(manifest.metrics.get("hf_model") or local / "model")
-
-
-def _train_progress(stage: str, work: Path, max_steps: int) -> TrainProgress:
-    return TrainProgress(stage, work / "train" / "metrics.jsonl", max_steps, get_run_logger())
+    req = StageRequest(op=op, stage=stage, key=key, config=config, params=params or {}, upstream=upstream,
+                       store=store_cfg, code=code, producer=_producer())
+    return run_request(compute or ComputeConfig(), req, logger, progress=_train_progress)
 
 
 # ------------------------------------------------------------------------------------------------- tasks
+# ``compute`` picks the backend; it is not part of the cache key (where a stage ran does not change its output).
 @task(name="world", cache_policy=stage_cache_policy(*WORLD_CODE) + SourceDigest(), **TASK_OPTIONS)
-def world_task(cfg: WorldConfig, store: StoreConfig, reuse_only: bool = False) -> ArtifactRef:
+def world_task(
+    cfg: WorldConfig, store: StoreConfig, reuse_only: bool = False, compute: ComputeConfig | None = None
+) -> ArtifactRef:
     from bitnet.data import source_digest
-    from bitnet.world import build_world
 
-    def compute(work: Path, _: dict[str, Path]) -> dict[str, Any]:
-        info = build_world(cfg, work).info
-        return {k: info[k] for k in ("vocab_size", "splits", "unigram_test_ppl")}
-
-    return run_stage("world", cfg, store, {}, compute, code_modules=WORLD_CODE,
+    return run_stage("world", "world", cfg, store, {}, code_modules=WORLD_CODE, compute=compute,
                      key_material={"source": source_digest(cfg.source)}, reuse_only=reuse_only)
 
 
 @task(name="teacher", cache_policy=stage_cache_policy(*TRAIN_CODE), **TASK_OPTIONS)
 def teacher_task(
-    cfg: TeacherStageConfig, world: ArtifactRef, store: StoreConfig, reuse_only: bool = False
+    cfg: TeacherStageConfig, world: ArtifactRef, store: StoreConfig, reuse_only: bool = False,
+    compute: ComputeConfig | None = None,
 ) -> ArtifactRef:
-    from bitnet.stages import train_teacher
-    from bitnet.world import open_world
-
-    def compute(work: Path, up: dict[str, Path]) -> dict[str, Any]:
-        with _train_progress("teacher", work, cfg.train.max_steps):
-            return train_teacher(cfg, open_world(up["world"]), work)
-
-    return run_stage("teacher", cfg, store, {"world": world}, compute, code_modules=TRAIN_CODE, reuse_only=reuse_only)
+    return run_stage("teacher", "teacher", cfg, store, {"world": world}, code_modules=TRAIN_CODE, compute=compute,
+                     reuse_only=reuse_only)
 
 
 @task(name="pretrained-teacher", cache_policy=stage_cache_policy(), **TASK_OPTIONS)
 def pretrained_teacher_task(model: str, store: StoreConfig) -> ArtifactRef:
     """A hub id or local path used as the teacher: recorded (not copied) in a manifest without files."""
-    return run_stage("teacher", None, store, {}, lambda work, up: {"hf_model": model}, code_modules=(),
-                     key_material={"hf_model": model})
+    return run_stage("pretrained-teacher", "teacher", None, store, {}, code_modules=(),
+                     key_material={"hf_model": model}, params={"hf_model": model})
 
 
 @task(name="convert", cache_policy=stage_cache_policy(*TRAIN_CODE), **TASK_OPTIONS)
 def convert_task(
-    cfg: ConvertStageConfig, teacher: ArtifactRef, store: StoreConfig, reuse_only: bool = False
+    cfg: ConvertStageConfig, teacher: ArtifactRef, store: StoreConfig, reuse_only: bool = False,
+    compute: ComputeConfig | None = None,
 ) -> ArtifactRef:
-    from bitnet.stages import convert_teacher
-
-    def compute(work: Path, up: dict[str, Path]) -> dict[str, Any]:
-        return convert_teacher(cfg, teacher_source(store, teacher, up["teacher"]), work / "model")
-
-    return run_stage("convert", cfg, store, {"teacher": teacher}, compute, code_modules=TRAIN_CODE,
-                     reuse_only=reuse_only)
+    return run_stage("convert", "convert", cfg, store, {"teacher": teacher}, code_modules=TRAIN_CODE,
+                     compute=compute, reuse_only=reuse_only)
 
 
 @task(name="student-stage", cache_policy=stage_cache_policy(*TRAIN_CODE), **TASK_OPTIONS)
@@ -171,17 +140,10 @@ def student_task(
     world: ArtifactRef,
     store: StoreConfig,
     reuse_only: bool = False,
+    compute: ComputeConfig | None = None,
 ) -> ArtifactRef:
-    from bitnet.stages import run_student_stage
-    from bitnet.world import open_world
-
-    def compute(work: Path, up: dict[str, Path]) -> dict[str, Any]:
-        with _train_progress(cfg.kind, work, cfg.train.max_steps):
-            return run_student_stage(cfg, up["student"] / "model", teacher_source(store, teacher, up["teacher"]),
-                                     open_world(up["world"]), work)
-
-    return run_stage(cfg.kind, cfg, store, {"student": student, "teacher": teacher, "world": world}, compute,
-                     code_modules=TRAIN_CODE, reuse_only=reuse_only)
+    return run_stage("student", cfg.kind, cfg, store, {"student": student, "teacher": teacher, "world": world},
+                     code_modules=TRAIN_CODE, compute=compute, reuse_only=reuse_only)
 
 
 layerwise_task = student_task.with_options(name="layerwise")
@@ -200,55 +162,20 @@ def export_available() -> bool:
         return False
 
 
-class ExportConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    quant: Literal["tq2_0", "tq1_0", "f16"] = Field(default="tq2_0", description="GGUF type of the ternary matrices")
-
-
 @task(name="export", cache_policy=stage_cache_policy(*EXPORT_CODE), **TASK_OPTIONS)
-def export_task(cfg: ExportConfig, student: ArtifactRef, store: StoreConfig) -> ArtifactRef:
+def export_task(
+    cfg: ExportConfig, student: ArtifactRef, store: StoreConfig, compute: ComputeConfig | None = None
+) -> ArtifactRef:
     """The final student as a llama.cpp ``bitnet`` GGUF (+ its LRC adapter as a LoRA GGUF when it has one)."""
-    from bitnet.export.gguf import export_gguf
-
-    def compute(work: Path, up: dict[str, Path]) -> dict[str, Any]:
-        res = export_gguf(up["student"] / "model", work / "student.gguf", weight_type=cfg.quant,
-                          lora_out=work / "lrc-lora.gguf")
-        return {"gguf": "student.gguf", "lora": res.lora_path.name if res.lora_path else None,
-                "weight_type": res.weight_type, "file_bytes": res.file_bytes, "n_tensors": res.n_tensors,
-                "ternary_params": res.ternary_params, "bits_per_ternary_weight": res.bits_per_ternary_weight}
-
-    return run_stage("export", cfg, store, {"student": student}, compute, code_modules=EXPORT_CODE)
-
-
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    split: Literal["test", "validation"] = "test"
-    batch_size: int = Field(default=16, ge=1)
-    max_batches: int | None = Field(default=32, ge=1, description="cap on held-out batches")
+    return run_stage("export", "export", cfg, store, {"student": student}, code_modules=EXPORT_CODE,
+                     compute=compute)
 
 
 @task(name="eval", cache_policy=stage_cache_policy(*EVAL_CODE), **TASK_OPTIONS)
 def eval_task(
     cfg: EvalConfig, student: ArtifactRef, naive: ArtifactRef, teacher: ArtifactRef, world: ArtifactRef,
-    store: StoreConfig,
+    store: StoreConfig, compute: ComputeConfig | None = None,
 ) -> ArtifactRef:
     """Held-out perplexity of teacher, naive ternary (converted, untrained) and final student, with agreement."""
-    from bitnet.data import iter_eval_batches
-    from bitnet.evaluate import compare_to_teacher, perplexity
-    from bitnet.student import load_student
-    from bitnet.teacher import load_teacher
-    from bitnet.world import open_world
-
-    def compute(work: Path, up: dict[str, Path]) -> dict[str, Any]:
-        data = open_world(up["world"]).dataset(cfg.split)
-        batches = lambda: iter_eval_batches(data, cfg.batch_size, cfg.max_batches)  # noqa: E731
-        teacher_model = load_teacher(teacher_source(store, teacher, up["teacher"]))
-        out: dict[str, Any] = {"split": cfg.split, "teacher_ppl": perplexity(teacher_model, batches())}
-        for name in ("naive", "student"):
-            m = compare_to_teacher(load_student(up[name] / "model"), teacher_model, batches())
-            out.update({f"{name}_ppl": m["ppl"], f"{name}_top1_agreement": m["top1_agreement"], f"{name}_kl": m["kl"]})
-        out["val_ppl"] = out["student_ppl"]  # the summary table's perplexity column
-        return out
-
     upstream = {"student": student, "naive": naive, "teacher": teacher, "world": world}
-    return run_stage("eval", cfg, store, upstream, compute, code_modules=EVAL_CODE)
+    return run_stage("eval", "eval", cfg, store, upstream, code_modules=EVAL_CODE, compute=compute)
