@@ -25,7 +25,7 @@ corpus:
 	@test -d $(CORPUS_DIR) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q python3.11-doc; }
 
 demo: venv corpus
-	$(BIN)/bitdistill demo
+	$(BIN)/bitdistill run --preset tiny
 
 test: venv corpus
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

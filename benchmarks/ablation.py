@@ -72,7 +72,10 @@ def build_rows(total: int, batch_size: int, lr: float, lrc_rank: int, seed: int)
         return KDStageConfig(objective=objective, train=_train(kd_steps, lr, seed), data=data)
 
     lrc_steps = max(1, total // 10)
-    lrc = LRCStageConfig(rank=lrc_rank, calib_batches=8, train=_train(lrc_steps, lr, seed), data=data)
+
+    def lrc(init: str) -> LRCStageConfig:
+        return LRCStageConfig(rank=lrc_rank, init=init, calib_batches=8, train=_train(lrc_steps, lr, seed), data=data)
+
     return [
         Row("naive ternary PTQ", "none"),
         Row("BitNet-SFT (QAT, CE only)", "none", [("cpt", cpt(total, 0))]),
@@ -84,7 +87,10 @@ def build_rows(total: int, batch_size: int, lr: float, lrc_rank: int, seed: int)
             [("layerwise", layerwise()), ("cpt", cpt(cpt_steps, cpt_steps // 4)), ("kd", kd("bitdistill"))]),
         Row("+KD (TCS)", "standard",
             [("layerwise", layerwise()), ("cpt", cpt(cpt_steps, cpt_steps // 4)), ("kd", kd("tcs"))]),
-        Row("+LRC (on +KD BitDistill)", "standard", [("lrc", lrc)], base="+KD (BitDistill)"),
+        Row("+LRC, zero init (on +KD BitDistill)", "standard", [("lrc", lrc("zero"))], base="+KD (BitDistill)"),
+        Row("+LRC, closed-form init (on +KD BitDistill)", "standard", [("lrc", lrc("closed_form"))],
+            base="+KD (BitDistill)"),
+        Row("PTQ + LRC, closed-form init (no QAT)", "none", [("lrc", lrc("closed_form"))], base="naive ternary PTQ"),
     ]
 
 

@@ -223,7 +223,18 @@ class LRCStageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["lrc"] = "lrc"
     rank: int = Field(default=16, ge=1)
-    init: Literal["closed_form", "svd"] = "closed_form"
+    init: Literal["auto", "closed_form", "svd", "zero"] = Field(
+        default="auto",
+        description="closed_form: reduced-rank fit on calibration activations (LRC paper); svd: truncated SVD of "
+        "W − Wq; zero: U = 0 (the adapter starts as a no-op and is only trained); auto: closed_form on a freshly "
+        "converted student (latent weights = the teacher's: the paper's PTQ setting), zero after QAT, where the "
+        "closed form pulls single layers away from the co-adapted network (docs/ablation.md)",
+    )
+    reference: Literal["teacher", "latent"] = Field(
+        default="teacher",
+        description="W the init corrects towards: the teacher's layer (right after convert, the PTQ setting of the "
+        "paper) or the student's own full-precision latent weight",
+    )
     calib_batches: int = Field(default=8, ge=1)
     loss: Literal["logits", "hidden", "both"] = "logits"
     temperature: float = Field(default=1.0, gt=0)
@@ -333,6 +344,18 @@ def lrc_loss(teacher: nn.Module, cfg: LRCStageConfig) -> LossFn:
     return fn
 
 
+def freshly_converted(student: nn.Module, teacher: nn.Module) -> bool:
+    """True when every BitLinear's latent weight still equals the teacher's linear at the same path."""
+    modules = dict(teacher.named_modules())
+    for name, layer in bit_linears(student):
+        ref = modules.get(name)
+        if not isinstance(ref, nn.Linear) or ref.weight.shape != layer.weight.shape:
+            return False
+        if not torch.equal(ref.weight.to(layer.weight.device, layer.weight.dtype), layer.weight):
+            return False
+    return True
+
+
 def check_pair(student: nn.Module, teacher: nn.Module, cfg: BaseModel) -> None:
     """Refuse, before any training, a teacher/student pair or a stage config the stage cannot use."""
     s, t = student.config, teacher.config
@@ -394,10 +417,15 @@ def run_student_stage(
         loss_fn = kd_loss(teacher_model, cfg)
     else:
         calib = iter_eval_batches(train_ds, d.batch_size, cfg.calib_batches)
-        if not (out_dir / "train" / "checkpoints").is_dir():
-            improvement = calibrate_lrc(student, teacher_model, calib, cfg.rank, cfg.init)
+        init = cfg.init
+        if init == "auto":
+            init = "closed_form" if freshly_converted(student, teacher_model) else "zero"
+        extra["lrc_init"] = init
+        if not (out_dir / "train" / "checkpoints").is_dir() and init != "zero":
+            reference = teacher_model if cfg.reference == "teacher" else None
+            improvement = calibrate_lrc(student, reference, calib, cfg.rank, init)
             extra["lrc_init_improvement"] = sum(improvement.values()) / len(improvement)
-        else:  # resuming: the checkpoint holds the adapters; only the module tree is needed
+        else:  # resuming (the checkpoint holds the adapters) or a zero init: only the module tree is needed
             add_lrc(student, cfg.rank)
         for name, p in student.named_parameters():
             p.requires_grad_(name.endswith(("lrc_u", "lrc_v")))

@@ -96,7 +96,7 @@ def test_lrc_trains_only_adapters(teacher_and_student, small_world, tmp_path: Pa
     teacher, student = teacher_and_student
     cfg = LRCStageConfig(rank=8, calib_batches=2, train=short(4), data=DATA)
     m = run_student_stage(cfg, student, teacher, small_world, tmp_path)
-    assert m["lrc_init_improvement"] > 0
+    assert m["lrc_init"] == "closed_form" and m["lrc_init_improvement"] > 0  # auto: a fresh conversion
     before, after = load_student(student), load_student(tmp_path / "model")
     assert after.bitnet_config.lrc_rank == 8
     layers = dict(bit_linears(after))
@@ -235,3 +235,15 @@ def test_select_then_train_a_stage_on_the_selection(teacher_and_student, small_w
         _ = other
         run_student_stage(CPTStageConfig(train=short(1), data=DATA.model_copy(update={"train_data": str(bad)})),
                           student, teacher, small_world, tmp_path / "cpt-bad")
+
+
+def test_freshly_converted_detects_trained_students(teacher_and_student) -> None:
+    from bitnet.stages import freshly_converted
+    from bitnet.teacher import load_teacher
+
+    teacher, student = teacher_and_student
+    t, s = load_teacher(teacher), load_student(student)
+    assert freshly_converted(s, t)
+    with torch.no_grad():
+        bit_linears(s)[3][1].weight[0, 0] += 1e-3  # any training step moves a latent weight
+    assert not freshly_converted(s, t)
