@@ -31,6 +31,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bitnet.io import sha256_file
+
 MANIFEST = "manifest.json"
 VERIFIED_MARKER = ".bitdistill-verified"  # in a local cache copy: the sha256 of the manifest it was checked against
 DEFAULT_EXCLUDE = ("train/checkpoints/*", "*/.*", ".*")  # trainer checkpoints and temporary/hidden files
@@ -91,14 +93,6 @@ class StoreConfig(BaseModel):
         default_factory=dict, description="fsspec options without secrets, e.g. {'endpoint_url': ...} for s3"
     )
     cache_dir: str | None = Field(default=None, description="local staging directory for remote roots")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _default_cache_dir() -> Path:
