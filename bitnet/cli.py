@@ -28,19 +28,7 @@ class CLIError(Exception):
 
 def load_config(model: type[T], path: str | None, overrides: dict[str, Any] | None = None) -> T:
     """Validate a YAML/JSON config file (or the defaults) plus dotted overrides into ``model``."""
-    data: dict[str, Any] = {}
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise CLIError(f"config file {file} does not exist")
-        try:
-            loaded = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as e:
-            raise CLIError(f"config file {file} is not valid YAML/JSON: {str(e).splitlines()[0]}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise CLIError(f"config file {file} must hold a mapping, got {type(loaded).__name__}")
-        data = loaded or {}
-    cfg = _validate(model, data)
+    cfg = validate_config(model, read_config_file(path) if path else {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if not overrides:
         return cfg
@@ -52,10 +40,25 @@ def load_config(model: type[T], path: str | None, overrides: dict[str, Any] | No
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return _validate(model, full)
+    return validate_config(model, full)
 
 
-def _validate(model: type[T], data: dict[str, Any]) -> T:
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML/JSON config file (empty file: ``{}``); a one-line ``CLIError`` otherwise."""
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"config file {file} does not exist")
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as e:
+        raise CLIError(f"config file {file} is not valid YAML/JSON: {str(e).splitlines()[0]}") from e
+    if loaded is not None and not isinstance(loaded, dict):
+        raise CLIError(f"config file {file} must hold a mapping, got {type(loaded).__name__}")
+    return loaded or {}
+
+
+def validate_config(model: type[T], data: dict[str, Any]) -> T:
+    """``model.model_validate(data)`` with the first validation error as a one-line ``CLIError``."""
     try:
         return model.model_validate(data)
     except ValidationError as e:

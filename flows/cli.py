@@ -7,41 +7,23 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
-
-import yaml
-from pydantic import ValidationError
 
 from flows.config import PipelineConfig, deep_merge, preset
 
 
 def build_config(preset_name: str, config_file: str | None, root: str | None = None) -> PipelineConfig:
-    from bitnet.cli import CLIError
+    from bitnet.cli import CLIError, read_config_file, validate_config
 
     try:
         data: dict[str, Any] = preset(preset_name).model_dump(mode="json")
     except ValueError as e:
         raise CLIError(str(e)) from e
     if config_file:
-        file = Path(config_file)
-        if not file.is_file():
-            raise CLIError(f"config file {file} does not exist")
-        try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise CLIError(f"config file {file} is not valid YAML/JSON: {str(e).splitlines()[0]}") from e
-        if not isinstance(loaded, dict):
-            raise CLIError(f"config file {file} must hold a mapping, got {type(loaded).__name__}")
-        data = deep_merge(data, loaded)
+        data = deep_merge(data, read_config_file(config_file))
     if root:
         data["store"]["root"] = root
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"]) or "<root>"
-        raise CLIError(f"invalid PipelineConfig: {loc}: {first['msg']} ({e.error_count()} error(s))") from e
+    return validate_config(PipelineConfig, data)
 
 
 def run_command(args: argparse.Namespace) -> int:
