@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -30,15 +29,10 @@ from tasks.compute import (
 )
 from tasks.execute import StageRequest
 from tests.test_flow import code_snapshot, corpus, prefect_home, prefect_server, run_flow, tiny_config  # noqa: F401
+from tests.support import free_port
 
 FAKE_KEY_ID = "AKIAFAKEKEYID0000001"
 FAKE_SECRET = "fake-secret-Zq8s7d6f5g4h3j2k1"  # must never show up in rendered YAML or logs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _teacher_request(world: ArtifactRef, store: StoreConfig, key: str = "t0") -> StageRequest:
@@ -183,7 +177,7 @@ def s3_server(monkeypatch: pytest.MonkeyPatch):
     for k, v in _sky_env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
@@ -222,7 +216,7 @@ def test_skypilot_backend_end_to_end_with_local_launcher(small_world: Any, s3_se
     def launcher(task_yaml: str, secrets: Any, **kw: Any) -> int | None:
         seen["yaml"], seen["secrets"], seen["kw"] = task_yaml, dict(secrets), kw
         return local_launcher({"BITDISTILL_VENV": str(Path(sys.executable).parent.parent),
-                               "BITDISTILL_MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+                               "BITDISTILL_MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
                                "HF_HUB_OFFLINE": "1"})(task_yaml, secrets, **kw)
 
     compute = ComputeConfig(backend="skypilot", cloud="gcp", accelerators="L4:1", spot=True)

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
 from bitnet.data import PYTHON_DOCS_DIR, TextSource, python_docs_available  # noqa: E402
 from bitnet.teacher import TinyTeacherConfig  # noqa: E402
 from tasks.artifacts import ArtifactRef, ArtifactStore, CorruptArtifactError  # noqa: E402
+from tests.support import free_port, stop
 
 STAGES = ["world", "teacher", "convert", "layerwise", "cpt", "kd", "lrc", "export", "eval"]
 
@@ -353,12 +353,6 @@ def test_local_store(tmp_path: Path) -> None:
     check_store(ArtifactStore(str(root)), corrupt_file, corrupt_manifest)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3_server(monkeypatch: pytest.MonkeyPatch):
     from moto.server import ThreadedMotoServer
@@ -366,7 +360,7 @@ def s3_server(monkeypatch: pytest.MonkeyPatch):
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                  "AWS_SESSION_TOKEN": "testing"}.items():
         monkeypatch.setenv(k, v)
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
@@ -421,7 +415,7 @@ def test_deployments_against_a_real_server(corpus, tmp_path):
     pipeline to completion; `bitdistill/eval-only` then reuses every training stage."""
     repo = Path(__file__).resolve().parents[1]
     prefect = str(Path(sys.executable).parent / "prefect")
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "prefect-home"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/server.db",
@@ -467,18 +461,13 @@ def test_deployments_against_a_real_server(corpus, tmp_path):
     finally:
         for p in reversed(procs):
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(timeout=10)
+                stop(p, group=True, timeout=20)
 
 
 # ------------------------------------------------------------------------------------------------ MLflow
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     mlflow = str(Path(sys.executable).parent / "mlflow")
     proc = subprocess.Popen(
         [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -490,12 +479,7 @@ def mlflow_server(tmp_path: Path):
         _wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop(proc, group=True, timeout=5)
 
 
 def test_mlflow_lineage(prefect_home, corpus, code_snapshot, mlflow_server, tmp_path):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +30,7 @@ from bitnet.quant import act_quant_value
 from bitnet.student import save_student
 from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
 from tests.test_layers_convert import tiny_model
+from tests.support import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 # measured on this machine (2 layers, hidden 256, FFN 512, 2 × 64 held-out tokens): TQ2_0 max |Δlogit| ≈ 0.005
@@ -305,12 +304,6 @@ def test_failed_write_keeps_the_previous_file(student, small_world, tmp_path, mo
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -339,7 +332,7 @@ def test_cli_export_and_serve(student, small_world, tmp_path, capsys) -> None:
         for _ in range(6):
             ids = torch.cat([ids, student(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
     expected = tok.decode(ids[0, -6:].tolist())
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = tmp_path / "server.log"
     with open(log, "w") as log_file:
@@ -364,9 +357,4 @@ def test_cli_export_and_serve(student, small_world, tmp_path, capsys) -> None:
         assert answer["object"] == "text_completion"
         assert answer["choices"][0]["text"] == expected and answer["usage"]["completion_tokens"] >= 1
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop(proc, timeout=20)
