@@ -8,6 +8,12 @@ STAMP := $(VENV)/.bitdistill-installed
 CORPUS_DIR := /usr/share/doc/python3.11-doc/html/_sources
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# llama.cpp (vendored by llama-cpp-python) is built for a pinned x86-64 level, not -march=native: the same kernels, and
+# so the same float rounding, on every CPU of this kind (AVX2-only and AVX-512 alike), and a cached wheel never carries
+# instructions the next machine lacks. GGML_NATIVE=OFF enables SSE4.2/AVX/AVX2/BMI2/FMA/F16C and no AVX-512.
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama_cpp_python==//p' requirements.lock)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=OFF
+LLAMA_WHEELS := $(HOME)/.cache/bitdistill/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-x86-64-v3
 
 .PHONY: venv corpus demo test lock clean
 
@@ -18,7 +24,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# llama-cpp-python builds llama.cpp from source: it needs a C/C++ compiler and cmake (pip caches the wheel)
 	@command -v g++ >/dev/null && command -v cmake >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q build-essential cmake; }
-	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(BIN)/python -m pip install -q -c requirements.lock --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python -e '.[test]'
 	@touch $(STAMP)
 
 corpus:
@@ -28,6 +35,7 @@ demo: venv corpus
 	$(BIN)/bitdistill run --preset tiny
 
 test: venv corpus
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # Re-resolve the dependency set (needs the registries) and rewrite the lock.

@@ -28,16 +28,13 @@ import torch
 from bitnet.convert import BitNetConfig
 from bitnet.data import iter_eval_batches
 from bitnet.evaluate import compare_to_teacher
-from bitnet.stages import (
-    ConvertStageConfig,
-    CPTStageConfig,
-    KDStageConfig,
-    LayerwiseStageConfig,
-    LRCStageConfig,
-    StageData,
-    convert_teacher,
-    run_student_stage,
-)
+from bitnet.stages.convert import ConvertConfig
+from bitnet.stages.cpt import CPTConfig
+from bitnet.stages.kd import KDConfig
+from bitnet.stages.layerwise import LayerwiseConfig
+from bitnet.stages.lrc import LRCConfig
+from bitnet.stages.registry import run_stage
+from bitnet.stages.training import StageData
 from bitnet.student import load_student
 from bitnet.teacher import load_teacher
 from bitnet.trainer import TrainConfig
@@ -62,19 +59,19 @@ def build_rows(total: int, batch_size: int, lr: float, lrc_rank: int, seed: int)
     lw_steps, cpt_steps = max(1, total // 5), max(1, (2 * total) // 5)
     kd_steps = total - lw_steps - cpt_steps
 
-    def cpt(steps: int, warmup: int) -> CPTStageConfig:
-        return CPTStageConfig(lambda_warmup_steps=warmup, train=_train(steps, lr, seed), data=data)
+    def cpt(steps: int, warmup: int) -> CPTConfig:
+        return CPTConfig(lambda_warmup_steps=warmup, train=_train(steps, lr, seed), data=data)
 
-    def layerwise() -> LayerwiseStageConfig:
-        return LayerwiseStageConfig(train=_train(lw_steps, lr, seed), data=data)
+    def layerwise() -> LayerwiseConfig:
+        return LayerwiseConfig(train=_train(lw_steps, lr, seed), data=data)
 
-    def kd(objective: str) -> KDStageConfig:
-        return KDStageConfig(objective=objective, train=_train(kd_steps, lr, seed), data=data)
+    def kd(objective: str) -> KDConfig:
+        return KDConfig(objective=objective, train=_train(kd_steps, lr, seed), data=data)
 
     lrc_steps = max(1, total // 10)
 
-    def lrc(init: str) -> LRCStageConfig:
-        return LRCStageConfig(rank=lrc_rank, init=init, calib_batches=8, train=_train(lrc_steps, lr, seed), data=data)
+    def lrc(init: str) -> LRCConfig:
+        return LRCConfig(rank=lrc_rank, init=init, calib_batches=8, train=_train(lrc_steps, lr, seed), data=data)
 
     return [
         Row("naive ternary PTQ", "none"),
@@ -126,13 +123,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if row.base is not None:
             student_dir, tokens = finals[row.base], results_by_row(results)[row.base]["tokens"]
         else:
-            student_dir, tokens = root / f"student-{row.subln}", 0
+            student_dir, tokens = root / f"student-{row.subln}" / "model", 0
             if not (student_dir / "bitnet.json").is_file():
-                convert_teacher(ConvertStageConfig(bitnet=BitNetConfig(subln=row.subln)), teacher_dir, student_dir)
+                run_stage("convert", ConvertConfig(bitnet=BitNetConfig(subln=row.subln)), {"teacher": teacher_dir},
+                          student_dir.parent)
         out = root / _slug(row.name)
         for stage_name, cfg in row.stages:
             stage_out = out / stage_name
-            run_student_stage(cfg, student_dir, teacher_dir, world, stage_out)
+            run_stage(stage_name, cfg, {"student": student_dir, "teacher": teacher_dir, "world": world.root}, stage_out)
             tokens += cfg.train.max_steps * cfg.data.batch_size * seq_len
             student_dir = stage_out / "model"
         finals[row.name] = student_dir

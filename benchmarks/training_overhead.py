@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bitnet.layers as bitnet_layers  # noqa: E402
 from bitnet.layers import BitLinear  # noqa: E402
+from bitnet.packed import PackedBitLinear  # noqa: E402
 from kernels import dispatch  # noqa: E402
-from kernels.packed_linear import PackedBitLinear  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 896, 14, 2, 64, 4864
 

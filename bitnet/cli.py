@@ -12,139 +12,100 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, ValidationError
-
-T = TypeVar("T", bound=BaseModel)
+from bitnet.config import ConfigError
 
 DEFAULT_WORKDIR = Path("runs/tiny")
+INPUT_FLAGS = ("world", "teacher", "student", "naive", "model")  # `bitdistill stage NAME --<input> DIR`
 
 
-class CLIError(Exception):
+class CLIError(ConfigError):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def load_config(model: type[T], path: str | None, overrides: dict[str, Any] | None = None) -> T:
-    """Validate a YAML/JSON config file (or the defaults) plus dotted overrides into ``model``."""
-    cfg = validate_config(model, read_config_file(path) if path else {})
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if not overrides:
-        return cfg
-    # overrides apply on top of the validated config, so nested defaults (e.g. a stage's train schedule) survive
-    full = cfg.model_dump(mode="json", exclude_unset=False)
-    for dotted, value in overrides.items():
-        node = full
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return validate_config(model, full)
+# ----------------------------------------------------------------------------------------------- stages
+def run_stage_command(
+    name: str, args: argparse.Namespace, inputs: dict[str, str | None], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """Every stage command: the stage's config (defaults, ``--config``, the command's flags, ``--set``) → run."""
+    from bitnet.config import load_config
+    from bitnet.stages.registry import run_stage, stage
+
+    st = stage(name)
+    cfg = load_config(st.config, getattr(args, "config", None), overrides, sets=getattr(args, "set", None))
+    return run_stage(name, cfg, {k: Path(v) for k, v in inputs.items() if v is not None}, Path(args.out))
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML/JSON config file (empty file: ``{}``); a one-line ``CLIError`` otherwise."""
-    file = Path(path)
-    if not file.is_file():
-        raise CLIError(f"config file {file} does not exist")
-    try:
-        loaded = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as e:
-        raise CLIError(f"config file {file} is not valid YAML/JSON: {str(e).splitlines()[0]}") from e
-    if loaded is not None and not isinstance(loaded, dict):
-        raise CLIError(f"config file {file} must hold a mapping, got {type(loaded).__name__}")
-    return loaded or {}
+def cmd_stage(args: argparse.Namespace) -> int:
+    inputs = {k: getattr(args, k) for k in INPUT_FLAGS}
+    overrides = {"train.max_steps": args.steps, "train.progress": args.progress}
+    from bitnet.stages import STAGES
 
-
-def validate_config(model: type[T], data: dict[str, Any]) -> T:
-    """``model.model_validate(data)`` with the first validation error as a one-line ``CLIError``."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"]) or "<root>"
-        raise CLIError(f"invalid {model.__name__}: {loc}: {first['msg']} ({e.error_count()} error(s))") from e
-
-
-# ----------------------------------------------------------------------------------------------- commands
-def cmd_world_build(args: argparse.Namespace) -> int:
-    from bitnet.world import WorldConfig, build_world
-
-    overrides: dict[str, Any] = {"vocab_size": args.vocab_size, "seq_len": args.seq_len, "tokenizer": args.tokenizer}
-    if args.source_dir:
-        overrides["source"] = {"kind": "dir", "path": args.source_dir, "glob": args.glob}
-    cfg = load_config(WorldConfig, args.config, overrides)
-    world = build_world(cfg, args.out, force=args.force)
-    print(json.dumps({"world": str(world.root), **_world_summary(world.info)}, indent=2))
+    if "train" not in STAGES[args.name].config.model_fields:
+        overrides = {}
+    metrics = run_stage_command(args.name, args, inputs, overrides)
+    print(json.dumps(metrics, indent=2))
     return 0
 
 
-def cmd_teacher_train(args: argparse.Namespace) -> int:
-    from bitnet.stages import TeacherStageConfig, train_teacher
-    from bitnet.world import open_world
+def cmd_world_build(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {"vocab_size": args.vocab_size, "seq_len": args.seq_len, "tokenizer": args.tokenizer}
+    if args.source_dir:
+        overrides["source"] = {"kind": "dir", "path": args.source_dir, "glob": args.glob}
+    if args.force:  # the world build reuses a world whose world.json matches; forget it
+        (Path(args.out) / "world.json").unlink(missing_ok=True)
+    metrics = run_stage_command("world", args, {}, _source_override(overrides))
+    print(json.dumps({"world": str(args.out), **_world_summary(metrics)}, indent=2))
+    return 0
 
-    cfg = load_config(
-        TeacherStageConfig,
-        args.config,
-        {"train.max_steps": args.steps, "batch_size": args.batch_size, "train.lr": args.lr, "train.progress": args.progress},
-    )
-    metrics = train_teacher(cfg, open_world(args.world), args.out)
+
+def _source_override(overrides: dict[str, Any]) -> dict[str, Any]:
+    """A ``source`` mapping replaces the configured one as a whole (not key by key)."""
+    src = overrides.pop("source", None)
+    return {**overrides, **({"source": src} if src else {})}
+
+
+def cmd_teacher_train(args: argparse.Namespace) -> int:
+    overrides = {"train.max_steps": args.steps, "data.batch_size": args.batch_size, "train.lr": args.lr,
+                 "train.progress": args.progress}
+    metrics = run_stage_command("teacher", args, {"world": args.world}, overrides)
     if metrics.get("test_ppl") is not None:
         print(json.dumps(metrics, indent=2))
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from bitnet.stages import ConvertStageConfig, convert_teacher
-
-    cfg = load_config(ConvertStageConfig, args.config, {"bitnet.subln": args.subln})
-    print(json.dumps(convert_teacher(cfg, args.teacher, args.out), indent=2))
-    return 0
-
-
-def cmd_stage(args: argparse.Namespace) -> int:
-    from bitnet.stages import STUDENT_STAGES, run_student_stage
-    from bitnet.world import open_world
-
-    cfg = load_config(STUDENT_STAGES[args.name], args.config, {"train.max_steps": args.steps, "train.progress": args.progress})
-    metrics = run_student_stage(cfg, args.student, args.teacher, open_world(args.world), args.out)
-    if metrics.get("val_ppl") is not None:
-        print(json.dumps(metrics, indent=2))
+    print(json.dumps(run_stage_command("convert", args, {"teacher": args.teacher}, {"bitnet.subln": args.subln}),
+                     indent=2))
     return 0
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from bitnet.stages import SelectConfig, select_training_data
-    from bitnet.world import open_world
-
     overrides = {"influence.keep_fraction": args.keep, "max_candidates": args.max_candidates}
-    cfg = load_config(SelectConfig, args.config, overrides)
-    stats = select_training_data(cfg, args.model, open_world(args.world), args.out)
-    print(json.dumps({"out": args.out, **{k: stats[k] for k in ("n_candidates", "n_kept", "score_kept_mean", "seconds")}}))
+    stats = run_stage_command("select", args, {"model": args.model, "world": args.world}, overrides)
+    keep = ("n_candidates", "n_kept", "score_kept_mean", "seconds")
+    print(json.dumps({"out": args.out, **{k: stats[k] for k in keep}}))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bitnet.stages import TeacherStageConfig, train_teacher
-    from bitnet.world import WorldConfig, build_world
+    from bitnet.config import load_config
+    from bitnet.stages.registry import run_stage
+    from bitnet.stages.teacher import TeacherConfig
+    from bitnet.world import WorldConfig, open_world
 
     workdir = Path(args.workdir)
     t0 = time.perf_counter()
-    world = build_world(load_config(WorldConfig, None), workdir / "world")
+    run_stage("world", WorldConfig(), {}, workdir / "world")
+    world = open_world(workdir / "world")
     t_world = time.perf_counter() - t0
-    cfg = load_config(TeacherStageConfig, args.teacher_config, {"train.max_steps": args.steps})
-    metrics = train_teacher(cfg, world, workdir / "teacher")
+    cfg = load_config(TeacherConfig, args.teacher_config, {"train.max_steps": args.steps})
+    metrics = run_stage("teacher", cfg, {"world": workdir / "world"}, workdir / "teacher")
     report = _demo_report(world.info, metrics, t_world, workdir)
     (workdir / "report.md").write_text(report)
     print(report)
     return 0
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from flows.cli import run_command  # lazy: bitnet never imports prefect at module import time
-
-    return run_command(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -202,12 +163,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from bitnet.evaluate import EvalConfig, evaluate_model, load_model_for_eval, write_results
+    from bitnet.config import load_config
+    from bitnet.evaluate import HarnessConfig, evaluate_model, load_model_for_eval, write_results
     from bitnet.world import open_world
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks is not None else None
     cfg = load_config(
-        EvalConfig,
+        HarnessConfig,
         args.config,
         {"tasks": tasks, "limit": args.limit, "max_blocks": args.max_blocks, "batch_size": args.batch_size,
          "num_fewshot": args.num_fewshot, "threads": args.threads, "n_cloze": args.n_cloze},
@@ -218,7 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     world = open_world(args.world)
     model = load_model_for_eval(args.model)
     model_dir = Path(args.model)
-    tok_source = args.tokenizer or (str(model_dir) if (model_dir / "tokenizer_config.json").is_file() else str(world.tokenizer_dir))
+    own_tokenizer = (model_dir / "tokenizer_config.json").is_file()
+    tok_source = args.tokenizer or (str(model_dir) if own_tokenizer else str(world.tokenizer_dir))
     tokenizer = AutoTokenizer.from_pretrained(tok_source)
     eval_dir = Path(args.eval_dir) if args.eval_dir else Path(args.world).resolve().parent / "eval"
     results = evaluate_model(model, tokenizer, world.dataset(cfg.split), eval_dir / f"data-{cfg.split}", cfg,
@@ -243,7 +206,8 @@ def _demo_report(info: dict[str, Any], m: dict[str, Any], t_world: float, workdi
     mb = sum(v["bytes"] for v in s.values()) / 1e6
     rows = [
         ("corpus", f"{sum(v['documents'] for v in s.values())} documents, {mb:.1f} MB"),
-        ("tokens train / val / test", " / ".join(f"{s[k]['tokens']:,}" for k in ("train", "validation", "test") if k in s)),
+        ("tokens train / val / test",
+         " / ".join(f"{s[k]['tokens']:,}" for k in ("train", "validation", "test") if k in s)),
         ("tokenizer", f"byte-level BPE, {info['vocab_size']} tokens"),
         ("world build", f"{t_world:.0f} s"),
         ("teacher", f"Llama, {m['parameters']:,} parameters"),
@@ -259,7 +223,16 @@ def _demo_report(info: dict[str, Any], m: dict[str, Any], t_world: float, workdi
 
 
 # ------------------------------------------------------------------------------------------------ parser
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="the stage's config as YAML/JSON (merged over its defaults)")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                   help="override one config value, e.g. --set train.lr=1e-4 (repeatable; applied last)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``bitdistill`` commands of the library (``flows.cli`` adds ``run``, the Prefect flow)."""
+    from bitnet.stages import STAGES
+
     parser = argparse.ArgumentParser(
         prog="bitdistill",
         description="Distil full-precision causal LMs into 1.58-bit BitNet students.",
@@ -270,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = world.add_subparsers(dest="world_command", required=True, metavar="ACTION")
     wb = wsub.add_parser("build", help="split the corpus, train the BPE tokenizer, pack token blocks")
     wb.add_argument("--out", default=str(DEFAULT_WORKDIR / "world"), help="world directory (default: %(default)s)")
-    wb.add_argument("--config", help="WorldConfig as YAML/JSON")
+    _config_flags(wb)
     wb.add_argument("--source-dir", help="use the text files of this directory as the corpus")
     wb.add_argument("--glob", default="**/*.txt", help="file pattern with --source-dir (default: %(default)s)")
     wb.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
@@ -284,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt = tsub.add_parser("train", help="pretrain the tiny teacher on a world (resumes from its checkpoints)")
     tt.add_argument("--world", default=str(DEFAULT_WORKDIR / "world"), help="built world (default: %(default)s)")
     tt.add_argument("--out", default=str(DEFAULT_WORKDIR / "teacher"), help="output directory (default: %(default)s)")
-    tt.add_argument("--config", help="TeacherStageConfig as YAML/JSON")
+    _config_flags(tt)
     tt.add_argument("--steps", type=int, help="optimizer steps")
     tt.add_argument("--batch-size", type=int, help="blocks per micro-batch per process")
     tt.add_argument("--lr", type=float, help="peak learning rate")
@@ -293,31 +266,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser("convert", help="stage 1: teacher → BitNet student (BitLinear + SubLN)")
     cv.add_argument("--teacher", required=True, help="HF model directory or hub id")
-    cv.add_argument("--out", required=True, help="student directory")
-    cv.add_argument("--config", help="ConvertStageConfig as YAML/JSON")
+    cv.add_argument("--out", required=True, help="output directory (the student in OUT/model)")
+    _config_flags(cv)
     cv.add_argument("--subln", choices=["standard", "all", "none"], help="SubLN placement")
     cv.set_defaults(func=cmd_convert)
 
-    st = sub.add_parser("stage", help="run one student stage: layerwise (1.9), cpt (2), kd (3) or lrc")
-    st.add_argument("name", choices=["layerwise", "cpt", "kd", "lrc"], help="the stage")
-    st.add_argument("--student", required=True, help="input student directory (from `convert` or a previous stage)")
-    st.add_argument("--teacher", required=True, help="teacher: HF model directory or hub id")
-    st.add_argument("--world", default=str(DEFAULT_WORKDIR / "world"), help="built world (default: %(default)s)")
-    st.add_argument("--out", required=True, help="output directory (student in OUT/model, checkpoints in OUT/train)")
-    st.add_argument("--config", help="the stage's config as YAML/JSON")
-    st.add_argument("--steps", type=int, help="optimizer steps")
+    st = sub.add_parser("stage", help="run any stage by name: " + ", ".join(STAGES))
+    st.add_argument("name", choices=list(STAGES), help="the stage")
+    for name in INPUT_FLAGS:
+        st.add_argument(f"--{name}", help=f"input `{name}`: a directory from an earlier stage (the teacher may "
+                        "also be an HF hub id); which inputs a stage reads: docs/stages.md")
+    st.add_argument("--out", required=True, help="output directory (a student in OUT/model, checkpoints in OUT/train)")
+    st.add_argument("--steps", type=int, help="optimizer steps (training stages)")
     st.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    _config_flags(st)
     st.set_defaults(func=cmd_stage)
 
     ex = sub.add_parser("export", help="write a student as a llama.cpp GGUF (bitnet arch; TQ2_0, TQ1_0 or F16)")
     ex.add_argument("--student", required=True, help="student directory (from `convert` or a stage's OUT/model)")
     ex.add_argument("--out", required=True, help="output .gguf file")
-    ex.add_argument("--type", choices=["tq2_0", "tq1_0", "f16"], default="tq2_0", help="ternary matrices as (default: %(default)s)")
-    ex.add_argument("--embedding-type", choices=["f16", "f32"], default="f16", help="token embedding (default: %(default)s)")
+    ex.add_argument("--type", choices=["tq2_0", "tq1_0", "f16"], default="tq2_0",
+                    help="ternary matrices as (default: %(default)s)")
+    ex.add_argument("--embedding-type", choices=["f16", "f32"], default="f16",
+                    help="token embedding (default: %(default)s)")
     ex.add_argument("--tokenizer", help="HF tokenizer directory (default: the student directory)")
     ex.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name when it cannot be inferred")
     ex.add_argument("--lora-out", help="LRC adapter GGUF for LRC students (default: OUT with .lrc.gguf)")
-    ex.add_argument("--hf-out", help="also save a transformers 'bitnet' checkpoint (AutoModelForCausalLM loads it) here")
+    ex.add_argument("--hf-out",
+                    help="also save a transformers 'bitnet' checkpoint (AutoModelForCausalLM loads it) here")
     ex.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="serve a GGUF with llama.cpp's OpenAI-compatible HTTP server")
@@ -330,12 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="perplexity (PyTorch, lm-eval rolling, llama.cpp) and lm-eval tasks of a model")
-    ev.add_argument("--model", required=True, help="student directory, or an HF model directory / hub id (e.g. the teacher)")
+    ev.add_argument("--model", required=True,
+                    help="student directory, or an HF model directory / hub id (e.g. the teacher)")
     ev.add_argument("--world", default=str(DEFAULT_WORKDIR / "world"), help="built world (default: %(default)s)")
     ev.add_argument("--gguf", help="also evaluate this GGUF through llama.cpp (perplexity on the same blocks)")
     ev.add_argument("--lora", help="LoRA/LRC adapter GGUF applied with --gguf")
-    ev.add_argument("--tasks", help="comma-separated lm-eval tasks (default: bitdistill_heldout,bitdistill_cloze; '' for none)")
-    ev.add_argument("--config", help="EvalConfig as YAML/JSON")
+    ev.add_argument("--tasks",
+                    help="comma-separated lm-eval tasks (default: bitdistill_heldout,bitdistill_cloze; '' for none)")
+    ev.add_argument("--config", help="HarnessConfig as YAML/JSON")
     ev.add_argument("--tokenizer", help="HF tokenizer (default: the model directory's, else the world's)")
     ev.add_argument("--limit", type=int, help="examples per lm-eval task")
     ev.add_argument("--num-fewshot", type=int, help="few-shot examples for lm-eval tasks")
@@ -351,30 +329,27 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--model", required=True, help="model whose gradients score the data (student or HF directory)")
     se.add_argument("--world", default=str(DEFAULT_WORKDIR / "world"), help="built world (default: %(default)s)")
     se.add_argument("--out", required=True, help="output packed dataset (train a stage on it with data.train_data)")
-    se.add_argument("--config", help="SelectConfig as YAML/JSON (influence settings, target split)")
+    _config_flags(se)
     se.add_argument("--keep", type=float, help="fraction of the candidates to keep")
     se.add_argument("--max-candidates", type=int, help="score only the first N train blocks")
     se.set_defaults(func=cmd_select)
 
     demo = sub.add_parser("demo", help="offline tiny pipeline: build the world and train the teacher")
     demo.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="work directory (default: %(default)s)")
-    demo.add_argument("--teacher-config", help="TeacherStageConfig as YAML/JSON")
+    demo.add_argument("--teacher-config", help="TeacherConfig as YAML/JSON")
     demo.add_argument("--steps", type=int, help="teacher optimizer steps")
     demo.set_defaults(func=cmd_demo)
-    run = sub.add_parser("run", help="run the Prefect flow `bitdistill` (all stages, cached and resumable)")
-    run.add_argument("--preset", default="tiny", help="pipeline preset: tiny (offline default) or qwen2.5-0.5b")
-    run.add_argument("--config", help="PipelineConfig (YAML/JSON) merged over the preset")
-    run.add_argument("--root", help="artifact root: a local path, s3:// or gs:// URL")
-    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    run.set_defaults(func=cmd_run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from bitnet.data import DataError
+    return run_parsed(build_parser().parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run a parsed command; known errors become one line on stderr and exit code 2."""
     from bitnet.convert import UnsupportedArchitectureError
+    from bitnet.data import DataError
     from bitnet.student import CheckpointError
     from bitnet.trainer import NonFiniteLossError
 

@@ -15,8 +15,8 @@ Cloze items: a word of at least ``min_word_len`` letters preceded by a single sp
 ``min_context_chars`` characters of its document; the context is the last ``context_chars`` characters before it
 (cut at a word boundary); three distractors are other words of the held-out split about as frequent as the answer
 (drawn, seeded, from the ``freq_window`` words on either side of it in the split's frequency ranking), so that
-word frequency alone does not pick the answer. lm-eval scores ``context + " " + choice`` for each choice (``acc`` and the
-length-normalised ``acc_norm``; chance is 25 %).
+word frequency alone does not pick the answer. lm-eval scores ``context + " " + choice`` for each choice (``acc``
+and the length-normalised ``acc_norm``; chance is 25 %).
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ class EvalData:
         return [json.loads(line)["text"] for line in self.heldout_file.read_text(encoding="utf-8").splitlines() if line]
 
 
-def heldout_documents(dataset: PackedDataset, tokenizer: PreTrainedTokenizerBase, max_docs: int | None = None) -> list[str]:
+def heldout_documents(
+    dataset: PackedDataset, tokenizer: PreTrainedTokenizerBase, max_docs: int | None = None
+) -> list[str]:
     """The documents of a packed split, decoded: the token stream cut at EOS (the packer's document separator)."""
     tokens = np.asarray(dataset.tokens, dtype=np.int64)
     cuts = np.flatnonzero(tokens == dataset.eos_token_id)
@@ -139,7 +141,8 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def render_tasks(data_dir: Path, out_dir: Path, source: Path = TASKS_SOURCE) -> list[str]:
-    """Copy the task YAMLs of ``source`` to ``out_dir`` with every ``data_files`` entry made absolute under ``data_dir``."""
+    """Copy the task YAMLs of ``source`` to ``out_dir``, every ``data_files`` entry made absolute under
+    ``data_dir``."""
     names = []
     out_dir.mkdir(parents=True, exist_ok=True)
     for file in sorted(source.glob("*.yaml")):

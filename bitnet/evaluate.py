@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device | None = None) -> float:
+def perplexity(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device | None = None
+) -> float:
     """Token-weighted perplexity: exp of the mean next-token cross-entropy over every predicted token."""
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -107,7 +109,7 @@ def compare_to_teacher(
 
 
 
-class EvalConfig(BaseModel):
+class HarnessConfig(BaseModel):
     """What ``bitdistill eval`` runs."""
 
     model_config = ConfigDict(extra="forbid")
@@ -120,10 +122,12 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(default=8, ge=1)
     limit: int | None = Field(default=None, ge=1, description="examples per lm-eval task")
     num_fewshot: int | None = Field(default=None, ge=0)
-    max_blocks: int | None = Field(default=None, ge=1, description="packed blocks for the pytorch / llama.cpp perplexity")
+    max_blocks: int | None = Field(default=None, ge=1,
+                                   description="packed blocks for the pytorch / llama.cpp perplexity")
     max_docs: int | None = Field(default=None, ge=1, description="held-out documents for the local tasks")
     n_cloze: int = Field(default=200, ge=1, description="cloze items built for bitdistill_cloze")
-    lm_eval_perplexity: bool = Field(default=True, description="also compute token perplexity with loglikelihood_rolling")
+    lm_eval_perplexity: bool = Field(default=True,
+                                     description="also compute token perplexity with loglikelihood_rolling")
     seed: int = 0
     threads: int | None = Field(default=None, ge=1, description="llama.cpp threads for the GGUF")
 
@@ -168,7 +172,9 @@ def load_model_for_eval(path: str | Path, dtype: torch.dtype = torch.float32) ->
     return load_teacher(path, dtype=dtype)
 
 
-def hflm(model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8, max_length: int | None = None) -> LM:
+def hflm(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8, max_length: int | None = None
+) -> LM:
     """lm-eval's ``HFLM`` around an in-memory model; the tokenizer is passed so nothing is looked up on the hub."""
     from lm_eval.models.huggingface import HFLM
 
@@ -179,7 +185,8 @@ def lm_eval_perplexity(lm: LM, texts: list[str]) -> dict[str, float]:
     """Token perplexity of ``texts`` from lm-eval's ``loglikelihood_rolling`` (every token of every text scored)."""
     from lm_eval.api.instance import Instance
 
-    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i) for i, t in enumerate(texts)]
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i)
+                for i, t in enumerate(texts)]
     lls = lm.loglikelihood_rolling(requests, disable_tqdm=True)
     n_tokens = sum(len(lm.tok_encode(t)) for t in texts)
     if not n_tokens:
@@ -192,7 +199,8 @@ def _metrics(entry: dict[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in entry.items():
         name, _, filt = key.partition(",")
-        if name == "alias" or name.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if name == "alias" or name.endswith("_stderr") or not numeric:
             continue
         out[name if filt in ("", "none") else f"{name}[{filt}]"] = float(value)
     return out
@@ -239,7 +247,8 @@ def run_lm_eval(
         if not needs_hub:
             raise
         hub = [t for t in tasks if t not in local_tasks]
-        raise ValueError(f"lm-eval task(s) {', '.join(hub)} need their datasets from the hub: {str(e).splitlines()[0]}") from e
+        raise ValueError(f"lm-eval task(s) {', '.join(hub)} need their datasets from the hub: "
+                         f"{str(e).splitlines()[0]}") from e
     if out is None:  # a non-zero rank
         return {}
     return {task: _metrics(entry) for task, entry in out["results"].items()}
@@ -268,7 +277,7 @@ def evaluate_model(
     tokenizer: PreTrainedTokenizerBase,
     dataset: PackedDataset,
     eval_dir: str | Path,
-    cfg: EvalConfig | None = None,
+    cfg: HarnessConfig | None = None,
     *,
     name: str = "model",
     gguf: str | Path | None = None,
@@ -280,7 +289,7 @@ def evaluate_model(
     """
     from bitnet.eval_data import LOCAL_TASKS, build_eval_data
 
-    cfg = cfg or EvalConfig()
+    cfg = cfg or HarnessConfig()
     t0 = time.perf_counter()
     res = EvalResults(model=name, info={"config": cfg.model_dump(mode="json"), "split_digest": dataset.digest})
     rows = _blocks(dataset, cfg.max_blocks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -23,6 +24,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` as strict JSON: non-finite floats become ``None``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -49,7 +61,9 @@ def check_replaceable(path: str | Path, marker: str) -> None:
     """Refuse to replace an existing, non-empty directory that lacks ``marker`` (e.g. a user's own folder)."""
     out = Path(path)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
-        raise OverwriteRefusedError(f"refusing to overwrite {out}: it exists and is not a previous output (no {marker})")
+        raise OverwriteRefusedError(
+            f"refusing to overwrite {out}: it exists and is not a previous output (no {marker})"
+        )
 
 
 @contextmanager

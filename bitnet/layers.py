@@ -19,11 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitnet.quant import act_quant, ternary_codes, weight_quant
-
-try:  # fast paths (kernels/: PyTorch autograd.Function, Triton on CUDA); bitnet works without them
-    from kernels.dispatch import ternary_linear as _kernel_linear
-except ImportError:  # pragma: no cover - kernels/ is shipped with bitnet; only a partial install lacks it
-    _kernel_linear = None
+from kernels.dispatch import ternary_linear as kernel_linear  # PyTorch autograd.Function, Triton on CUDA
 
 
 class SubLN(nn.RMSNorm):
@@ -71,7 +67,7 @@ class BitLinear(nn.Linear):
         self.quant_lambda: float = 1.0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, sub_norm: bool = False, norm_eps: float = 1e-6) -> "BitLinear":
+    def from_linear(cls, linear: nn.Linear, *, sub_norm: bool = False, norm_eps: float = 1e-6) -> BitLinear:
         """A BitLinear sharing nothing with ``linear`` but holding a copy of its weight and bias."""
         layer = cls(
             linear.in_features,
@@ -95,8 +91,8 @@ class BitLinear(nn.Linear):
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ternary path on an already normalized input."""
         lam = self.quant_lambda
-        if lam == 1.0 and _kernel_linear is not None:  # bit-identical on the PyTorch path (kernels/reference.py)
-            return _kernel_linear(x, self.weight, self.bias)
+        if lam == 1.0:  # bit-identical on the PyTorch path (kernels/reference.py)
+            return kernel_linear(x, self.weight, self.bias)
         return F.linear(act_quant(x, lam), weight_quant(self.weight, lam), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +125,7 @@ class BitLinearLRC(BitLinear):
         nn.init.normal_(self.lrc_v, std=1.0 / math.sqrt(in_features))
 
     @classmethod
-    def from_bitlinear(cls, layer: BitLinear, rank: int) -> "BitLinearLRC":
+    def from_bitlinear(cls, layer: BitLinear, rank: int) -> BitLinearLRC:
         new = cls(
             layer.in_features,
             layer.out_features,

@@ -123,21 +123,13 @@ class CovarianceAccumulator:
         self._add(x64, x64 @ w64.t() - xq.to(device=dev, dtype=_F64) @ wq64.t())
 
     @torch.no_grad()
-    def update_target(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add a batch with an explicit regression target ``y`` (…, out) for inputs ``x`` (…, in)."""
-        x64 = x.detach().reshape(-1, self.in_features).to(device=self.xtx.device, dtype=_F64)
-        y64 = y.detach().reshape(-1, self.out_features).to(device=self.xtx.device, dtype=_F64)
-        if x64.shape[0] != y64.shape[0]:
-            raise ValueError(f"x has {x64.shape[0]} rows, y has {y64.shape[0]}")
-        self._add(x64, y64)
-
     def _add(self, x64: torch.Tensor, y64: torch.Tensor) -> None:
         self.xtx.addmm_(x64.t(), x64)
         self.xty.addmm_(x64.t(), y64)
         self.yty += y64.pow(2).sum()
         self.n_tokens += x64.shape[0]
 
-    def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
+    def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
         if (other.in_features, other.out_features) != (self.in_features, self.out_features):
             raise ValueError("cannot merge accumulators of different shapes")
         self.xtx += other.xtx.to(self.xtx.device)
@@ -319,9 +311,11 @@ def calibrate_lrc(
                 weights[name] = (w, weight_quant_value(layer.weight))
                 accs[name] = CovarianceAccumulator(layer.in_features, layer.out_features, device=layer.weight.device)
 
-                def hook(mod: BitLinearLRC, args: tuple, _name: str = name) -> None:
-                    w_ref, wq = weights[_name]
-                    accs[_name].update(mod.normed_input(args[0]), w_ref, wq)
+                def hook(
+                    mod: BitLinearLRC, args: tuple, _name: str = name, _w: dict = weights, _a: dict = accs
+                ) -> None:
+                    w_ref, wq = _w[_name]
+                    _a[_name].update(mod.normed_input(args[0]), w_ref, wq)
 
                 handles.append(layer.register_forward_pre_hook(hook))
             try:

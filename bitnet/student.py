@@ -86,8 +86,11 @@ def _is_tied_alias(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -
 
 
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild the module tree described by ``path`` and load its weights (identical logits)."""
+    """Rebuild the module tree described by ``path`` (a student directory, or a stage output holding one in
+    ``model/``) and load its weights (identical logits)."""
     path = Path(path)
+    if not (path / BITNET_CONFIG).is_file() and (path / "model" / BITNET_CONFIG).is_file():
+        path = path / "model"
     if not path.is_dir():
         raise CheckpointError(f"student checkpoint {path} does not exist")
     bcfg = read_bitnet_config(path)

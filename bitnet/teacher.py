@@ -33,7 +33,7 @@ class TinyTeacherConfig(BaseModel):
     initializer_range: float = Field(default=0.02, gt=0)
 
     @model_validator(mode="after")
-    def _gguf_friendly(self) -> "TinyTeacherConfig":
+    def _gguf_friendly(self) -> TinyTeacherConfig:
         for name in ("hidden_size", "intermediate_size"):
             if getattr(self, name) % GGUF_BLOCK:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be a multiple of {GGUF_BLOCK} for GGUF ternary types")

@@ -1,50 +1,36 @@
 """Flow ``bitdistill``: world → teacher → convert → layer-wise → CPT → KD → LRC → GGUF export → eval.
 
-Every stage is a cached Prefect task (see ``tasks/stages.py``): a second run with the same config finishes with
-every stage ``Cached``; changing one stage's config or the ``bitnet/`` code re-runs that stage and those after it.
+Every stage runs through one cached Prefect task (``tasks/stages.py``), wired here by name: a second run with the
+same config finishes with every stage ``Cached``; changing one stage's config or the ``bitnet/`` code it imports
+re-runs that stage and those after it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from prefect import flow
 
-from flows.config import STUDENT_STAGES, PipelineConfig
+from flows.config import STUDENT_STAGES, PipelineConfig, pipeline_config
 from flows.report import RunSummary
 from flows.runner import StageRunner
-from tasks.stages import (
-    STUDENT_TASKS,
-    convert_task,
-    eval_task,
-    export_available,
-    export_task,
-    pretrained_teacher_task,
-    teacher_task,
-    world_task,
-)
 
 
-@flow(name="bitdistill", validate_parameters=True)
-def bitdistill(config: PipelineConfig = PipelineConfig()) -> RunSummary:  # noqa: B008 (the tiny preset)
-    cfg = config.resolved()
+@flow(name="bitdistill", validate_parameters=False)
+def bitdistill(config: PipelineConfig | Mapping[str, Any] | None = None, preset: str | None = None) -> RunSummary:
+    """``config``: a full config, or a partial mapping merged over ``preset`` (default: the mapping's
+    ``preset``, else ``tiny``)."""
+    cfg = pipeline_config(config, preset).resolved()
     run = StageRunner(cfg)
 
-    world = run.stage("world", cfg.world, world_task, cfg=cfg.world.config)
-    if cfg.teacher.pretrained:
-        teacher = run.stage("teacher", cfg.teacher, pretrained_teacher_task, model=cfg.teacher.pretrained)
-    else:
-        teacher = run.stage("teacher", cfg.teacher, teacher_task, cfg=cfg.teacher.config, world=world)
-    student = naive = run.stage("convert", cfg.convert, convert_task, cfg=cfg.convert.config, teacher=teacher)
+    world = run.stage("world")
+    teacher = run.stage("teacher", world=None if cfg.teacher.pretrained else world)
+    student = naive = run.stage("convert", teacher=teacher)
     for name in STUDENT_STAGES:
-        step = getattr(cfg, name)
-        student = run.stage(name, step, STUDENT_TASKS[name], cfg=step.config, student=student, teacher=teacher,
-                            world=world) or student
-
-    if export_available():
-        gguf = run.stage("export", cfg.export, export_task, cfg=cfg.export.config, student=student)
-    else:
-        gguf = run.skip("export", cfg.export, "bitnet.export not available")
-    run.stage("eval", cfg.eval, eval_task, cfg=cfg.eval.config, student=student, naive=naive, teacher=teacher,
-              world=world)
+        student = run.stage(name, student=student, teacher=teacher, world=world) or student
+    gguf = run.stage("export", student=student)
+    run.stage("eval", student=student, naive=naive, teacher=teacher, world=world)
     return run.finish(student, gguf)
 
 

@@ -1,42 +1,29 @@
-"""``bitdistill run``: run flow ``bitdistill`` on a preset plus an optional config file, print where outputs are.
+"""The ``bitdistill`` entry point: the library's commands (``bitnet.cli``) plus ``run``, the Prefect flow.
 
-Prefect's local ephemeral API is used unless ``PREFECT_API_URL`` points at a server.
+``bitdistill run`` uses Prefect's local ephemeral API unless ``PREFECT_API_URL`` points at a server.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import sys
 
-from flows.config import PipelineConfig, deep_merge, preset
-
-
-def build_config(preset_name: str, config_file: str | None, root: str | None = None) -> PipelineConfig:
-    from bitnet.cli import CLIError, read_config_file, validate_config
-
-    try:
-        data: dict[str, Any] = preset(preset_name).model_dump(mode="json")
-    except ValueError as e:
-        raise CLIError(str(e)) from e
-    if config_file:
-        data = deep_merge(data, read_config_file(config_file))
-    if root:
-        data["store"]["root"] = root
-    return validate_config(PipelineConfig, data)
+from bitnet.cli import CLIError, run_parsed
+from bitnet.cli import build_parser as library_parser
+from flows.config import PRESETS
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from bitnet.cli import CLIError
     from flows.bitdistill import bitdistill
-
-    cfg = build_config(args.preset, args.config, args.root)
-    if args.print_config:
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-        return 0
+    from flows.config import pipeline_config
     from tasks.artifacts import ArtifactError
     from tasks.compute import ComputeError
 
+    cfg = pipeline_config(None, args.preset, file=args.config, sets=args.set, root=args.root)
+    if args.print_config:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
     try:
         summary = bitdistill(config=cfg)
     except (ArtifactError, ComputeError) as e:
@@ -47,3 +34,26 @@ def run_command(args: argparse.Namespace) -> int:
     print(json.dumps({"flow_run": summary.flow_run, "student": summary.student, "gguf": summary.gguf,
                       "report": summary.report, "mlflow": summary.mlflow, "artifact_root": summary.root}, indent=2))
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = library_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    run = sub.add_parser("run", help="run the Prefect flow `bitdistill` (all stages, cached and resumable)")
+    run.add_argument("--preset", help=f"pipeline preset: {', '.join(PRESETS)} (default: the config's `preset`, "
+                     "else tiny)")
+    run.add_argument("--config", help="PipelineConfig (YAML/JSON) merged over the preset")
+    run.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                     help="override one config value, e.g. --set kd.train.max_steps=10 (repeatable)")
+    run.add_argument("--root", help="artifact root: a local path, s3:// or gs:// URL")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.set_defaults(func=run_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_parsed(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,19 +7,20 @@ recomputed with ``refresh_cache``), and fails the flow with the stage's error wh
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from typing import Any
 
-from prefect import Task, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.config import STAGES, PipelineConfig, Step
+from bitnet.stages import STAGES
+from flows.config import PipelineConfig, StepOptions
 from flows.report import RunSummary, StageRow, markdown, stage_numbers
 from tasks.artifacts import ArtifactError, ArtifactRef, ArtifactStore
 from tasks.compute import preflight
+from tasks.stages import stage_task
 from tasks.tracking import Lineage
 
 
@@ -29,8 +30,8 @@ class StageRunner:
         self.store = ArtifactStore.from_config(cfg.store)
         self.store.check()
         self.logger = get_run_logger()
-        for name in STAGES:  # missing credentials of a remote backend: fail before any stage runs
-            step = getattr(cfg, name)
+        for name in cfg.stage_names():  # missing credentials of a remote backend: fail before any stage runs
+            step = cfg.step(name)
             if step.enabled and step.compute.remote:
                 preflight(step.compute, cfg.store)
         self.summary = RunSummary(preset=cfg.preset, flow_run=flow_run.name, root=self.store.root_uri)
@@ -38,25 +39,27 @@ class StageRunner:
                                cfg.model_dump(mode="json"), self.logger)
         self.summary.mlflow = self.lineage.location
 
-    def stage(self, name: str, step: Step[Any], task: Task[..., ArtifactRef], **inputs: Any) -> ArtifactRef | None:
-        """Run (or reuse) one stage; ``None`` when it is switched off or an upstream stage was."""
+    def stage(self, name: str, **inputs: ArtifactRef | None) -> ArtifactRef | None:
+        """Run (or reuse) stage ``name`` on the given upstream outputs; ``None`` when it is switched off or a
+        required upstream stage was (an optional input that is ``None`` is simply not passed)."""
+        step = self.cfg.step(name)
         if not step.enabled:
             self.summary.stages.append(StageRow(stage=name, status="disabled"))
             return None
-        if missing := [k for k, v in inputs.items() if v is None]:
+        st = STAGES[name]
+        if missing := [k for k in st.inputs if inputs.get(k) is None]:
             self.skip(name, step, f"needs {', '.join(missing)}")
             return None
-        t = task.with_options(retries=step.retries, retry_delay_seconds=step.retry_delay_s, task_run_name=name)
+        t = stage_task.with_options(retries=step.retries, retry_delay_seconds=step.retry_delay_s, task_run_name=name)
         t0 = time.perf_counter()
-        inputs["store"] = self.cfg.store
-        params = inspect.signature(task.fn).parameters
-        if self.cfg.reuse_only and "reuse_only" in params:
-            inputs["reuse_only"] = True
-        if "compute" in params:
-            inputs["compute"] = step.compute
-        state = t(**inputs, return_state=True)
+        args: dict[str, Any] = {
+            "name": name, "cfg": step.stage_config(), "inputs": {k: v for k, v in inputs.items() if v is not None},
+            "store": self.cfg.store, "reuse_only": self.cfg.reuse_only and st.reuse_in_eval_only,
+            "compute": step.compute,
+        }
+        state = t(**args, return_state=True)
         if state.is_completed() and state.name == "Cached" and not self._still_valid(name, state.result()):
-            state = t.with_options(refresh_cache=True)(**inputs, return_state=True)
+            state = t.with_options(refresh_cache=True)(**args, return_state=True)
         wall = time.perf_counter() - t0
         if not state.is_completed():
             self.summary.stages.append(StageRow(stage=name, status="failed", state=state.name, wall_s=wall,
@@ -89,7 +92,7 @@ class StageRunner:
             self.logger.warning("%s: cached result %s is no longer valid (%s); recomputing", name, ref.uri, e)
             return False
 
-    def skip(self, name: str, step: Step[Any], reason: str) -> None:
+    def skip(self, name: str, step: StepOptions, reason: str) -> None:
         """Record a stage that cannot run yet (returns ``None``, like a switched-off stage)."""
         self.summary.stages.append(StageRow(stage=name, status="skipped" if step.enabled else "disabled", note=reason))
         if step.enabled:

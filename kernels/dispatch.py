@@ -20,6 +20,7 @@ from typing import Literal, cast
 
 import torch
 
+from kernels.packed_linear import DEFAULT_CHUNK_BYTES, packed_linear_torch
 from kernels.packing import PackedTernary
 from kernels.reference import ternary_linear_torch
 
@@ -113,6 +114,5 @@ def packed_linear(
     """Inference matmul on 2-bit packed weights on the chosen path."""
     if resolve_backend(x.device) == "triton":
         return triton_module().packed_linear_triton(x, weight, bias)
-    from kernels.packed_linear import DEFAULT_CHUNK_BYTES, packed_linear_torch
 
     return packed_linear_torch(x, weight, bias, chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES)

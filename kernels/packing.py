@@ -6,7 +6,7 @@ A row of ``K`` codes takes ``ceil(K / 4)`` bytes; the padding codes of the last 
 so a kernel may read whole bytes without masking the weight. The value ``0b11`` never occurs.
 
 This is *not* llama.cpp's TQ2_0 block layout (the GGUF exporter writes that from the codes); it is the
-in-memory layout of :class:`kernels.packed_linear.PackedBitLinear` and the Triton packed matmul.
+in-memory layout of :class:`bitnet.packed.PackedBitLinear` and the Triton packed matmul.
 """
 
 from __future__ import annotations

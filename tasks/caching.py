@@ -93,24 +93,9 @@ def code_digest(modules: tuple[str, ...] = CODE_PACKAGES, roots: list[Path] | No
 
 
 @dataclass
-class CodeDigest(CachePolicy):
-    """Cache-key component: the digest of the ``bitnet`` code reachable from ``modules``."""
-
-    modules: tuple[str, ...] = CODE_PACKAGES
-
-    def compute_key(
-        self,
-        task_ctx: TaskRunContext,
-        inputs: dict[str, Any],
-        flow_parameters: dict[str, Any],
-        **kwargs: Any,
-    ) -> str | None:
-        return code_digest(self.modules)
-
-
-@dataclass
-class SourceDigest(CachePolicy):
-    """Cache-key component of the world stage: the corpus listing (names, sizes, mtimes/etags)."""
+class StageCode(CachePolicy):
+    """Cache-key component of the stage task: the digest of the code stage ``name`` imports, plus the stage's own
+    fingerprint of what its config points at (the world's corpus listing: names, sizes, mtimes/etags)."""
 
     def compute_key(
         self,
@@ -119,13 +104,15 @@ class SourceDigest(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        from bitnet.data import source_digest
+        from bitnet.io import sha256_json
+        from bitnet.stages import STAGES
 
-        cfg = (inputs or {}).get("cfg")
-        return source_digest(cfg.source) if cfg is not None else None
+        st = STAGES[inputs["name"]]
+        fingerprint = st.fingerprint(inputs["cfg"]) if st.fingerprint else {}
+        return sha256_json({"code": code_digest((st.module,)), **fingerprint})
 
 
-def stage_cache_policy(*modules: str) -> CachePolicy:
+def stage_cache_policy() -> CachePolicy:
     """INPUTS (minus ``reuse_only`` and ``compute``, which decide whether and where a stage computes, not what it
-    holds) + TASK_SOURCE + the digest of the code reachable from ``modules``."""
-    return (INPUTS - "reuse_only" - "compute") + TASK_SOURCE + CodeDigest(modules=modules)
+    holds) + TASK_SOURCE + the stage's code digest and fingerprint."""
+    return (INPUTS - "reuse_only" - "compute") + TASK_SOURCE + StageCode()

@@ -34,7 +34,6 @@ from tasks.execute import Progress, StageRequest, execute, no_progress
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 INFRA_DIR = PROJECT_ROOT / "infra"
 BACKENDS = ("local", "torchrun", "skypilot")
-CLOUDS = ("gcp", "runpod")
 STORAGE_OPTIONS_ENV = "BITDISTILL_STORAGE_OPTIONS"  # fsspec options (no secrets) for reading the request
 GCS_KEY_REMOTE = "~/.config/bitdistill/gcs-key.json"
 # non-secret settings passed through to the job when set here

@@ -28,7 +28,7 @@ import fsspec
 from pydantic import ValidationError
 
 from tasks.artifacts import ArtifactStore
-from tasks.execute import StageRequest, config_class, execute
+from tasks.execute import StageRequest, execute
 from tasks.progress import TrainProgress
 
 STORAGE_OPTIONS_ENV = "BITDISTILL_STORAGE_OPTIONS"
@@ -51,9 +51,7 @@ def load_request(where: str) -> StageRequest:
         raise RequestError(f"cannot read request {where}: {type(e).__name__}: {e}") from e
     try:
         req = StageRequest.model_validate_json(raw)
-        cls = config_class(req.op, req.stage)
-        if cls is not None:
-            cls.model_validate(req.config)
+        req.stage_config()
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "(root)"

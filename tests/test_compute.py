@@ -28,8 +28,8 @@ from tasks.compute import (
     run_request,
 )
 from tasks.execute import StageRequest
-from tests.test_flow import code_snapshot, corpus, prefect_home, prefect_server, run_flow, tiny_config  # noqa: F401
 from tests.support import free_port
+from tests.test_flow import code_snapshot, corpus, prefect_home, prefect_server, run_flow, tiny_config  # noqa: F401
 
 FAKE_KEY_ID = "AKIAFAKEKEYID0000001"
 FAKE_SECRET = "fake-secret-Zq8s7d6f5g4h3j2k1"  # must never show up in rendered YAML or logs
@@ -40,8 +40,8 @@ def _teacher_request(world: ArtifactRef, store: StoreConfig, key: str = "t0") ->
              "eval_every": 0}
     model = {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": 64}
-    cfg = {"model": model, "train": train, "batch_size": 4, "eval_batch_size": 4, "eval_max_batches": 1}
-    return StageRequest(op="teacher", stage="teacher", key=key, config=cfg, upstream={"world": world}, store=store,
+    cfg = {"model": model, "train": train, "data": {"batch_size": 4, "eval_batch_size": 4, "eval_max_batches": 1}}
+    return StageRequest(stage="teacher", key=key, config=cfg, upstream={"world": world}, store=store,
                         code="test", producer={"task_run_id": "test"})
 
 
@@ -157,16 +157,16 @@ def test_worker_bad_requests(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     (bad := tmp_path / "bad.json").write_text("{not json")
     assert worker.main([str(bad)]) == 2
     store = StoreConfig(root=str(tmp_path))
-    (op := tmp_path / "op.json").write_text(StageRequest(op="train-everything", stage="x", key="k",
+    (op := tmp_path / "op.json").write_text(StageRequest(stage="train-everything", key="k",
                                                          store=store).model_dump_json())
     assert worker.main([str(op)]) == 2
-    (cfg := tmp_path / "cfg.json").write_text(StageRequest(op="convert", stage="convert", key="k", store=store,
+    (cfg := tmp_path / "cfg.json").write_text(StageRequest(stage="convert", key="k", store=store,
                                                            config={"nope": 1}).model_dump_json())
     assert worker.main([str(cfg)]) == 2
     assert worker.main([]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bitdistill-worker: error")]
     assert len(lines) == 4, lines
-    assert "cannot read request" in lines[0] and "unknown op 'train-everything'" in lines[2] and "nope" in lines[3]
+    assert "cannot read request" in lines[0] and "unknown stage 'train-everything'" in lines[2] and "nope" in lines[3]
 
 
 # ------------------------------------------------------------------------------------------ skypilot e2e
@@ -260,12 +260,12 @@ def test_bad_compute_settings_are_one_line_errors(tmp_path: Path) -> None:
         PipelineConfig.model_validate({"kd": {"compute": {"backend": "skypilot"}}})
     with pytest.raises(ValidationError, match="unknown compute backend"):
         PipelineConfig.model_validate({"cpt": {"compute": {"backend": "k8s"}}})
-    from bitnet.cli import CLIError
-    from flows.cli import build_config
+    from bitnet.config import ConfigError
+    from flows.config import pipeline_config
 
     (bad := tmp_path / "pipeline.yaml").write_text("kd: {compute: {backend: slurm}}\n")
-    with pytest.raises(CLIError, match=r"^invalid PipelineConfig: kd.compute.backend: .*unknown compute backend"):
-        build_config("tiny", str(bad))
+    with pytest.raises(ConfigError, match=r"^invalid PipelineConfig: kd.compute.backend: .*unknown compute backend"):
+        pipeline_config(None, "tiny", file=str(bad))
     sky_gcp = ComputeConfig(backend="skypilot")
     errors = []
     for compute, root, env in [
@@ -355,7 +355,7 @@ def test_sky_launcher_calls_the_skypilot_sdk(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(sky, "stream_and_get", lambda request_id, **kw: (calls.append(("get", request_id)),
                                                                           next(results))[1])
     store = StoreConfig(root="s3://bucket/runs")
-    req = StageRequest(op="student", stage="kd", key="k1", store=store)
+    req = StageRequest(stage="kd", key="k1", store=store)
     text = render_task(ComputeConfig(backend="skypilot", accelerators="L4:1"), req, "s3://bucket/runs/r.json",
                        ["AWS_SECRET_ACCESS_KEY"], env={})
     log = LogStream(lambda line: None)

@@ -12,17 +12,18 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from bitnet.cli import main
 from bitnet.convert import convert_to_bitnet
 from bitnet.eval_data import CLOZE_TASK, HELDOUT_TASK, build_eval_data
-from bitnet.evaluate import EvalConfig, evaluate_model, hflm, lm_eval_perplexity
+from bitnet.evaluate import HarnessConfig, evaluate_model, hflm, lm_eval_perplexity
 from bitnet.export import export_gguf
 from bitnet.student import save_student
+from flows.cli import main
 
 
 def _llama(tok, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4,
                       num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
     return AutoModelForCausalLM.from_config(cfg).eval()
@@ -43,8 +44,8 @@ def student(small_world):
 
 @pytest.fixture(scope="module")
 def eval_data(small_world, tmp_path_factory):
-    return build_eval_data(small_world.dataset("test"), small_world.tokenizer(), tmp_path_factory.mktemp("eval") / "data",
-                           n_cloze=40)
+    return build_eval_data(small_world.dataset("test"), small_world.tokenizer(),
+                           tmp_path_factory.mktemp("eval") / "data", n_cloze=40)
 
 
 def test_eval_data_is_built_from_the_held_out_split(eval_data, small_world) -> None:
@@ -85,7 +86,7 @@ def test_lm_eval_rolling_perplexity_is_the_plain_cross_entropy(student, small_wo
 def test_student_and_its_gguf_evaluate_offline(student, small_world, eval_data, tmp_path) -> None:
     tok = small_world.tokenizer()
     gguf = export_gguf(student, tmp_path / "s.gguf", tokenizer=tok).path
-    cfg = EvalConfig(limit=12, max_blocks=4, batch_size=8, n_cloze=40, threads=1)
+    cfg = HarnessConfig(limit=12, max_blocks=4, batch_size=8, n_cloze=40, threads=1)
     res = evaluate_model(student, tok, small_world.dataset("test"), eval_data.root, cfg, name="student", gguf=gguf)
     print(res.table())
     ppl = res.perplexity
@@ -121,7 +122,8 @@ def test_cli_evaluates_a_plain_hf_model_and_writes_json(small_world, tmp_path, c
 def test_cli_eval_errors_are_one_line(small_world, tmp_path, capsys) -> None:
     student_dir = tmp_path / "student"
     save_student(convert_to_bitnet(_llama(small_world.tokenizer())), student_dir)
-    rc = main(["eval", "--model", str(student_dir), "--world", str(small_world.root), "--gguf", str(tmp_path / "no.gguf")])
+    rc = main(["eval", "--model", str(student_dir), "--world", str(small_world.root),
+               "--gguf", str(tmp_path / "no.gguf")])
     assert rc == 2 and "--gguf file" in capsys.readouterr().err
     rc = main(["eval", "--model", str(student_dir), "--world", str(small_world.root), "--limit", "0"])
-    assert rc == 2 and "invalid EvalConfig: limit" in capsys.readouterr().err
+    assert rc == 2 and "invalid HarnessConfig: limit" in capsys.readouterr().err

@@ -75,7 +75,8 @@ def code_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def tiny_config(corpus: Path, root: str, **over: Any):
-    from flows.config import PipelineConfig, deep_merge
+    from bitnet.config import deep_merge
+    from flows.config import PipelineConfig
 
     train = {"lr": 2e-3, "warmup_steps": 1, "log_every": 1, "progress": False, "ckpt_every": 2}
     data = {"batch_size": 4, "eval_batch_size": 8, "eval_max_batches": 2}
@@ -83,19 +84,19 @@ def tiny_config(corpus: Path, root: str, **over: Any):
     cfg: dict[str, Any] = {
         "store": {"root": root},
         "tracking": {"enabled": False},
-        "world": {"config": {"source": TextSource(kind="dir", path=str(corpus), glob="*.rst.txt").model_dump(),
-                             "split_fractions": [0.8, 0.1, 0.1], "vocab_size": 512, "seq_len": 64}},
-        "teacher": {"config": {
+        "world": {"source": TextSource(kind="dir", path=str(corpus), glob="*.rst.txt").model_dump(),
+                  "split_fractions": [0.8, 0.1, 0.1], "vocab_size": 512, "seq_len": 64},
+        "teacher": {
             "model": TinyTeacherConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2,
                                        max_position_embeddings=128).model_dump(),
-            "train": {**train, "max_steps": 6, "lr": 5e-3}, "batch_size": 8, "eval_batch_size": 8,
-            "eval_max_batches": 2}},
-        "layerwise": {"config": student},
-        "cpt": {"config": {**student, "lambda_warmup_steps": 2}},
-        "kd": {"config": student},
-        "lrc": {"config": {**student, "rank": 4, "calib_batches": 2}},
-        "eval": {"config": {"batch_size": 8, "max_batches": 2}},
+            "train": {**train, "max_steps": 6, "lr": 5e-3},
+            "data": {"batch_size": 8, "eval_batch_size": 8, "eval_max_batches": 2}},
+        "layerwise": student,
+        "cpt": {**student, "lambda_warmup_steps": 2},
+        "kd": student,
+        "lrc": {**student, "rank": 4, "calib_batches": 2},
+        "eval": {"batch_size": 8, "max_batches": 2},
     }
     return PipelineConfig.model_validate(deep_merge(cfg, over))
 
@@ -133,14 +134,14 @@ def test_tiny_flow_end_to_end_cached_rerun_and_invalidation(prefect_home, corpus
     print(f"tiny flow: first run {t_first:.1f} s, fully cached re-run {t_cached:.1f} s")
 
     # one stage's config changes: that stage and those after it re-run, nothing before it
-    cfg_kd = tiny_config(corpus, str(root), kd={"config": {"temperature": 2.0}})
+    cfg_kd = tiny_config(corpus, str(root), kd={"temperature": 2.0})
     _, states, _ = run_flow(cfg_kd)
     assert states == {**{s: "Cached" for s in STAGES[:5]}, **{s: "Completed" for s in STAGES[5:]}}, states
 
     # the training math changes (the digest of the bitnet code a stage imports): the stages that run it re-run,
-    # the world build (which does not import bitnet/objectives.py) stays cached
-    objectives = code_snapshot / "bitnet" / "objectives.py"
-    objectives.write_text(objectives.read_text() + "\n# changed\n")
+    # the world build (which does not import bitnet/layers.py) stays cached
+    layers = code_snapshot / "bitnet" / "layers.py"
+    layers.write_text(layers.read_text() + "\n# changed\n")
     cfg_short = tiny_config(corpus, str(root), **{s: {"enabled": False} for s in STAGES[3:]})
     _, states, _ = run_flow(cfg_short)
     assert states == {"world": "Cached", "teacher": "Completed", "convert": "Completed"}, states
@@ -148,7 +149,8 @@ def test_tiny_flow_end_to_end_cached_rerun_and_invalidation(prefect_home, corpus
 
 def test_code_digest_covers_what_a_stage_imports(code_snapshot, monkeypatch):
     from tasks.caching import code_digest
-    from tasks.stages import TRAIN_CODE, WORLD_CODE
+
+    WORLD_CODE, TRAIN_CODE = ("bitnet.stages.world",), ("bitnet.stages.kd",)
 
     world, train = code_digest(WORLD_CODE), code_digest(TRAIN_CODE)
     (code_snapshot / "bitnet" / "unused_new_module.py").write_text("X = 1\n")  # imported by nothing
@@ -201,7 +203,7 @@ def test_tiny_flow_on_s3(prefect_home, corpus, code_snapshot, s3_server, tmp_pat
 
 
 def _flow_subprocess(cfg_file: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "bitnet.cli", "run", "--config", str(cfg_file)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", str(cfg_file)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -209,7 +211,7 @@ def test_sigkill_mid_stage_then_rerun_resumes(corpus, tmp_path):
     """Kill the flow process (and its ephemeral API server) while CPT trains; a new run reuses the finished
     stages from Prefect's cache and CPT continues from its last trainer checkpoint."""
     root = tmp_path / "artifacts"
-    cfg = tiny_config(corpus, str(root), cpt={"config": {"train": {"max_steps": 120, "ckpt_every": 5}}},
+    cfg = tiny_config(corpus, str(root), cpt={"train": {"max_steps": 120, "ckpt_every": 5}},
                       export={"enabled": False})
     cfg_file = tmp_path / "pipeline.json"
     cfg_file.write_text(cfg.model_dump_json())
@@ -248,25 +250,27 @@ def test_sigkill_mid_stage_then_rerun_resumes(corpus, tmp_path):
 
 
 def test_failing_stage_fails_the_run_and_retries(prefect_home, corpus, code_snapshot, tmp_path, monkeypatch):
-    import bitnet.stages
+    import dataclasses
+
+    from bitnet.stages import STAGES
     from flows.bitdistill import bitdistill
 
-    real = bitnet.stages.run_student_stage
+    real = STAGES["kd"]
     calls: list[str] = []
 
     def flaky(cfg, *args, **kwargs):
-        calls.append(cfg.kind)
-        if cfg.kind == "kd" and calls.count("kd") == 1:
+        calls.append("kd")
+        if calls.count("kd") == 1:
             raise RuntimeError("simulated worker loss in kd")
-        return real(cfg, *args, **kwargs)
+        return real.run(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(bitnet.stages, "run_student_stage", flaky)
+    monkeypatch.setitem(STAGES, "kd", dataclasses.replace(real, run=flaky))
     root = str(tmp_path / "artifacts")
     cfg = tiny_config(corpus, root, export={"enabled": False}, kd={"retries": 1, "retry_delay_s": 0})
     _, states, _ = run_flow(cfg)  # the per-stage retry absorbs the first failure
     assert states["kd"] == "Completed" and calls.count("kd") == 2
 
-    cfg = tiny_config(corpus, root, export={"enabled": False}, kd={"config": {"temperature": 3.0}})
+    cfg = tiny_config(corpus, root, export={"enabled": False}, kd={"temperature": 3.0})
     calls.clear()
     state = bitdistill(config=cfg, return_state=True)
     assert state.is_failed() and "simulated worker loss in kd" in str(state.message)
@@ -279,13 +283,13 @@ def test_invalid_pipeline_config_is_rejected_before_any_work(prefect_home, tmp_p
     from flows.bitdistill import bitdistill
 
     root = tmp_path / "artifacts"
-    with pytest.raises(Exception, match=r"config\.kd\.config\.temperature"):
-        bitdistill(config={"store": {"root": str(root)}, "kd": {"config": {"temperature": -1}}})
+    with pytest.raises(Exception, match=r"kd\.temperature"):
+        bitdistill(config={"store": {"root": str(root)}, "kd": {"temperature": -1}})
     assert not root.exists()
 
 
 def test_unwritable_artifact_root_is_a_one_line_error(prefect_home, tmp_path, capsys):
-    from bitnet.cli import main
+    from flows.cli import main
 
     assert main(["run", "--root", "/proc/bitdistill-test/artifacts"]) == 2
     err = capsys.readouterr().err.strip()
@@ -294,7 +298,7 @@ def test_unwritable_artifact_root_is_a_one_line_error(prefect_home, tmp_path, ca
 
 
 def test_cli_rejects_unknown_preset_and_bad_config(tmp_path, capsys):
-    from bitnet.cli import main
+    from flows.cli import main
 
     assert main(["run", "--preset", "nope"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from llama_cpp import Llama
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from bitnet.cli import build_parser, main
 from bitnet.convert import BitNetConfig, add_lrc, convert_to_bitnet
 from bitnet.export import GGUFFormatError, UnsupportedExportError, export_gguf, read_gguf_checked
 from bitnet.export.gguf import tensor_name
@@ -29,8 +28,9 @@ from bitnet.layers import BitLinear, bit_linears
 from bitnet.quant import act_quant_value
 from bitnet.student import save_student
 from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
-from tests.test_layers_convert import tiny_model
+from flows.cli import build_parser, main
 from tests.support import free_port, stop
+from tests.test_layers_convert import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # measured on this machine (2 layers, hidden 256, FFN 512, 2 × 64 held-out tokens): TQ2_0 max |Δlogit| ≈ 0.005
@@ -130,11 +130,22 @@ def _reference_activations(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
 
 def test_export_is_exact_up_to_the_activation_block_size(small_world, held_out, tmp_path, monkeypatch) -> None:
     """A random student whose logits the layers dominate, F32 embedding and F32 KV cache: llama.cpp reproduces the
-    student computed with per-256-block activation quantization; the per-token student differs by more."""
+    student computed with per-256-block activation quantization; the per-token student differs by more.
+
+    The reference runs in float64. llama.cpp's ternary matmuls are exact (int8 activations × ternary codes summed in
+    integers, then two scales), so what separates it from the float64 reference is float32 rounding in its other ops
+    (norms, rope, softmax, the F32 output matmul): a relative 2^-24 per op, about 1e-5 on logits of std ≈ 1.6 —
+    bounded here by 1e-3 per position. The only larger difference is a quantization flip: an activation whose
+    x·127/max lies within that rounding of a .5 boundary rounds the other way, moving one position's logits by up to
+    one int8 step of the layer's input. With ~1e-5 relative noise on |x·s| ≤ 127 a value flips with probability
+    ~2e-5, a few flips in the ~3e5 quantized values of this run: at most 10 % of positions may exceed 1e-3. (A
+    float32 reference would add its own flips: measured mean|Δ| 0.009 vs llama.cpp, for that reason alone.)
+    The per-token student quantizes every position differently: most positions differ by more than 1e-3."""
     tok = small_world.tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=256, initializer_range=0.1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=256, initializer_range=0.1)
     model = convert_to_bitnet(AutoModelForCausalLM.from_config(cfg)).eval()
     path = export_gguf(model, tmp_path / "r.gguf", tokenizer=tok, embedding_type="f32").path
     llm = _llama(path, f32_kv_cache=True)
@@ -142,12 +153,15 @@ def test_export_is_exact_up_to_the_activation_block_size(small_world, held_out, 
         out = _llama_logits(llm, held_out)
     finally:
         llm.close()
-    per_token = _agreement(out, _torch_logits(model, held_out))
+    per_token = _torch_logits(model.double(), held_out)
     _reference_activations(monkeypatch, "block256")
-    max_abs, mean_abs, top1 = _agreement(out, _torch_logits(model, held_out))
-    print(f"per-256-block reference: max|Δ| {max_abs:.4f} mean|Δ| {mean_abs:.5f} top-1 {top1:.3f}; per-token: {per_token}")
-    assert mean_abs <= 0.002 and max_abs <= 0.25 and top1 >= MIN_TOP1
-    assert per_token[1] > max(3 * mean_abs, 1e-3)
+    block = _torch_logits(model, held_out)
+    err_block = np.abs(out - block).reshape(-1, out.shape[-1]).max(-1)  # max |Δlogit| per position
+    err_token = np.abs(out - per_token).reshape(-1, out.shape[-1]).max(-1)
+    print(f"per-256-block float64 reference: positions > 1e-3: {(err_block > 1e-3).mean():.3f}, median max|Δ| "
+          f"{np.median(err_block):.2e}; per-token: positions > 1e-3: {(err_token > 1e-3).mean():.3f}")
+    assert (err_block > 1e-3).mean() <= 0.10 and np.median(err_block) <= 1e-3
+    assert (err_token > 1e-3).mean() >= 0.5
 
 
 def test_tq1_and_f16_exports_load_and_agree(student, files, held_out, monkeypatch) -> None:

@@ -69,7 +69,8 @@ def _transformers_order(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_stock_transformers_loads_the_checkpoint_with_matching_logits(student, hf_dir, small_world, monkeypatch) -> None:
-    from transformers.integrations.bitnet import BitLinear as HFBitLinear, unpack_weights
+    from transformers.integrations.bitnet import BitLinear as HFBitLinear
+    from transformers.integrations.bitnet import unpack_weights
 
     cfg = json.loads((hf_dir / "config.json").read_text())
     assert cfg["model_type"] == "bitnet" and cfg["hidden_act"] == "silu"
@@ -120,8 +121,8 @@ def test_what_the_bitnet_model_cannot_express_is_refused(case, tmp_path) -> None
 
 
 def test_cli_export_writes_the_hf_checkpoint_too(student, small_world, tmp_path) -> None:
-    from bitnet.cli import main
     from bitnet.student import save_student
+    from flows.cli import main
 
     save_student(student, tmp_path / "student")  # no tokenizer in the student dir: --tokenizer names the world's
     rc = main(["export", "--student", str(tmp_path / "student"), "--out", str(tmp_path / "s.gguf"),

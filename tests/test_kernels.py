@@ -20,13 +20,13 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from bitnet.layers import BitLinear, BitLinearLRC, bit_linears
+from bitnet.packed import PackedBitLinear, pack_bitlinears
 from bitnet.quant import act_quant, act_quant_value, ternary_codes, weight_quant, weight_quant_value
 from kernels import dispatch
-from kernels.packed_linear import PackedBitLinear, pack_bitlinears, packed_linear_torch
-from kernels.packing import PackedTernary, byte_lut, pack_ternary, pack_weight, packed_cols, unpack_ternary
+from kernels.packed_linear import packed_linear_torch
+from kernels.packing import byte_lut, pack_ternary, pack_weight, packed_cols, unpack_ternary
 from kernels.reference import (
     act_quant_codes,
     fast_act_quant_value,
@@ -269,7 +269,7 @@ sys.modules["triton"] = None  # as if it were not installed
 import torch
 from bitnet.layers import BitLinear
 from kernels import dispatch
-from kernels.packed_linear import PackedBitLinear
+from bitnet.packed import PackedBitLinear
 assert dispatch._triton_module() is None
 layer = BitLinear(8, 4)
 layer(torch.randn(2, 8)).sum().backward()

@@ -8,27 +8,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitnet.cli import main
 from bitnet.convert import BitNetConfig
 from bitnet.layers import BitLinearLRC, bit_linears
-from bitnet.stages import (
-    ConvertStageConfig,
-    CPTStageConfig,
-    KDStageConfig,
-    LayerwiseStageConfig,
-    LRCStageConfig,
-    StageData,
-    TeacherStageConfig,
-    convert_teacher,
-    quant_lambda_at,
-    run_student_stage,
-    train_teacher,
-)
+from bitnet.stages.convert import ConvertConfig
+from bitnet.stages.cpt import CPTConfig, quant_lambda_at
+from bitnet.stages.kd import KDConfig
+from bitnet.stages.layerwise import LayerwiseConfig
+from bitnet.stages.lrc import LRCConfig, freshly_converted
+from bitnet.stages.registry import run_stage
+from bitnet.stages.teacher import TeacherConfig
+from bitnet.stages.training import StageData
 from bitnet.student import load_student
 from bitnet.teacher import TinyTeacherConfig
 from bitnet.trainer import TrainConfig
+from flows.cli import main
 
 DATA = StageData(batch_size=4, eval_batch_size=8, eval_max_batches=4)
+
+
+def run_student_stage(cfg, student: Path, teacher: Path, world, out: Path) -> dict:
+    name = {LayerwiseConfig: "layerwise", CPTConfig: "cpt", KDConfig: "kd", LRCConfig: "lrc"}[type(cfg)]
+    return run_stage(name, cfg, {"student": student, "teacher": teacher, "world": world.root}, out)
+
+
+def train_teacher(cfg: TeacherConfig, world, out: Path) -> dict:
+    return run_stage("teacher", cfg, {"world": world.root}, out)
 
 
 def short(steps: int, **kw) -> TrainConfig:
@@ -38,21 +42,20 @@ def short(steps: int, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def teacher_and_student(small_world, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("stages")
-    cfg = TeacherStageConfig(
+    cfg = TeacherConfig(
         model=TinyTeacherConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, max_position_embeddings=128),
         train=TrainConfig(max_steps=60, lr=5e-3, warmup_steps=5, progress=False),
-        batch_size=16,
-        eval_max_batches=4,
+        data=StageData(batch_size=16, eval_max_batches=4),
     )
     train_teacher(cfg, small_world, root / "teacher")
-    convert_teacher(ConvertStageConfig(bitnet=BitNetConfig(subln="standard")), root / "teacher" / "model",
-                    root / "student")
+    run_stage("convert", ConvertConfig(bitnet=BitNetConfig(subln="standard")), {"teacher": root / "teacher" / "model"},
+              root / "student")
     return root / "teacher" / "model", root / "student"
 
 
 def history(out: Path) -> list[dict]:
-    return [json.loads(l) for l in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_lambda_schedule() -> None:
@@ -63,7 +66,7 @@ def test_lambda_schedule() -> None:
 
 def test_layerwise_lowers_hidden_state_loss(teacher_and_student, small_world, tmp_path: Path) -> None:
     teacher, student = teacher_and_student
-    m = run_student_stage(LayerwiseStageConfig(train=short(12), data=DATA), student, teacher, small_world, tmp_path)
+    m = run_student_stage(LayerwiseConfig(train=short(12), data=DATA), student, teacher, small_world, tmp_path)
     h = history(tmp_path)
     assert m["steps"] == 12 and h[-1]["loss"] < 0.8 * h[0]["loss"], (h[0], h[-1])
     load_student(tmp_path / "model")
@@ -71,7 +74,7 @@ def test_layerwise_lowers_hidden_state_loss(teacher_and_student, small_world, tm
 
 def test_cpt_ramps_lambda_and_ends_fully_quantized(teacher_and_student, small_world, tmp_path: Path) -> None:
     teacher, student = teacher_and_student
-    cfg = CPTStageConfig(lambda_warmup_steps=4, train=short(6), data=DATA)
+    cfg = CPTConfig(lambda_warmup_steps=4, train=short(6), data=DATA)
     run_student_stage(cfg, student, teacher, small_world, tmp_path)
     assert [r["lambda"] for r in history(tmp_path)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     reloaded = load_student(tmp_path / "model")
@@ -81,7 +84,7 @@ def test_cpt_ramps_lambda_and_ends_fully_quantized(teacher_and_student, small_wo
 @pytest.mark.parametrize("objective", ["bitdistill", "tcs"])
 def test_kd_objectives(teacher_and_student, small_world, tmp_path: Path, objective: str) -> None:
     teacher, student = teacher_and_student
-    cfg = KDStageConfig(objective=objective, train=short(4), data=DATA, tcs_k=20)
+    cfg = KDConfig(objective=objective, train=short(4), data=DATA, tcs_k=20)
     m = run_student_stage(cfg, student, teacher, small_world, tmp_path)
     rec = history(tmp_path)[0]
     if objective == "bitdistill":
@@ -94,22 +97,23 @@ def test_kd_objectives(teacher_and_student, small_world, tmp_path: Path, objecti
 
 def test_lrc_trains_only_adapters(teacher_and_student, small_world, tmp_path: Path) -> None:
     teacher, student = teacher_and_student
-    cfg = LRCStageConfig(rank=8, calib_batches=2, train=short(4), data=DATA)
+    cfg = LRCConfig(rank=8, calib_batches=2, train=short(4), data=DATA)
     m = run_student_stage(cfg, student, teacher, small_world, tmp_path)
     assert m["lrc_init"] == "closed_form" and m["lrc_init_improvement"] > 0  # auto: a fresh conversion
     before, after = load_student(student), load_student(tmp_path / "model")
     assert after.bitnet_config.lrc_rank == 8
     layers = dict(bit_linears(after))
-    assert all(isinstance(l, BitLinearLRC) for l in layers.values())
+    assert all(isinstance(m, BitLinearLRC) for m in layers.values())
     for name, layer in bit_linears(before):
         assert torch.equal(layer.weight, layers[name].weight), name  # ternary (latent) weights frozen
-    assert any(l.lrc_u.abs().sum() > 0 for l in layers.values())
+    assert any(m.lrc_u.abs().sum() > 0 for m in layers.values())
 
 
 def test_stage_cli_and_resume(teacher_and_student, small_world, tmp_path: Path) -> None:
     teacher, student = teacher_and_student
     cfg = tmp_path / "cpt.yaml"
-    cfg.write_text("lambda_warmup_steps: 2\ntrain: {max_steps: 5, warmup_steps: 1, ckpt_every: 2, log_every: 1}\ndata: {batch_size: 4, eval_max_batches: 2}\n")
+    cfg.write_text("lambda_warmup_steps: 2\ntrain: {max_steps: 5, warmup_steps: 1, ckpt_every: 2, log_every: 1}\n"
+                   "data: {batch_size: 4, eval_max_batches: 2}\n")
     args = ["stage", "cpt", "--student", str(student), "--teacher", str(teacher), "--world", str(small_world.root),
             "--out", str(tmp_path / "out"), "--config", str(cfg), "--steps", "3", "--no-progress"]
     assert main(args) == 0
@@ -126,26 +130,26 @@ def test_stage_cli_and_resume(teacher_and_student, small_world, tmp_path: Path) 
 def test_bad_stage_input_fails_before_training(teacher_and_student, small_world, tmp_path: Path) -> None:
     teacher, student = teacher_and_student
     with pytest.raises(ValueError, match="ad_layers"):
-        KDStageConfig(ad_layers=[])
+        KDConfig(ad_layers=[])
     with pytest.raises(ValueError, match="split_heads"):
-        run_student_stage(KDStageConfig(split_heads=3, train=short(2), data=DATA), student, teacher, small_world,
+        run_student_stage(KDConfig(split_heads=3, train=short(2), data=DATA), student, teacher, small_world,
                           tmp_path / "kd")
     with pytest.raises(ValueError, match="out of range"):
-        run_student_stage(KDStageConfig(ad_layers=[5], train=short(2), data=DATA), student, teacher, small_world,
+        run_student_stage(KDConfig(ad_layers=[5], train=short(2), data=DATA), student, teacher, small_world,
                           tmp_path / "kd")
     with pytest.raises(ValueError, match="rank"):
-        run_student_stage(LRCStageConfig(rank=128, train=short(2), data=DATA), student, teacher, small_world,
+        run_student_stage(LRCConfig(rank=128, train=short(2), data=DATA), student, teacher, small_world,
                           tmp_path / "lrc")
     # a teacher with another depth cannot be aligned layer by layer
     other = tmp_path / "other-teacher"
-    cfg = TeacherStageConfig(
+    cfg = TeacherConfig(
         model=TinyTeacherConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
                                 num_key_value_heads=2, max_position_embeddings=128),
-        train=TrainConfig(max_steps=1, progress=False), batch_size=2, eval_max_batches=1,
+        train=TrainConfig(max_steps=1, progress=False), data=StageData(batch_size=2, eval_max_batches=1),
     )
     train_teacher(cfg, small_world, other)
     with pytest.raises(ValueError, match="num_hidden_layers"):
-        run_student_stage(LayerwiseStageConfig(train=short(2), data=DATA), student, other / "model", small_world,
+        run_student_stage(LayerwiseConfig(train=short(2), data=DATA), student, other / "model", small_world,
                           tmp_path / "lw")
     assert not any((tmp_path / d / "train").exists() for d in ("kd", "lrc", "lw"))  # nothing trained, nothing written
 
@@ -173,7 +177,7 @@ def test_kd_stage_resumes_exactly_after_sigkill(teacher_and_student, small_world
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
     def cli(out: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "bitnet.cli", *args(out)], env=env,
+        return subprocess.Popen([sys.executable, "-m", "flows.cli", *args(out)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def finish(proc: subprocess.Popen) -> None:
@@ -185,7 +189,7 @@ def test_kd_stage_resumes_exactly_after_sigkill(teacher_and_student, small_world
     proc = cli(killed)
     deadline = time.time() + 240
     try:
-        while not (killed / "train" / "checkpoints").is_dir() or not any((killed / "train" / "checkpoints").glob("step-*")):
+        while not any((killed / "train" / "checkpoints").glob("step-*")):
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.time() < deadline, "no checkpoint appeared"
             time.sleep(0.01)
@@ -220,25 +224,25 @@ def test_select_then_train_a_stage_on_the_selection(teacher_and_student, small_w
     stats = json.loads((tmp_path / "selected.selection.json").read_text())
     assert stats["n_candidates"] == 64 and stats["score_kept_mean"] > stats["score_mean"]
     data = StageData(batch_size=4, eval_batch_size=8, eval_max_batches=2, train_data=str(sel))
-    m = run_student_stage(CPTStageConfig(lambda_warmup_steps=0, train=short(2), data=data), student, teacher,
+    m = run_student_stage(CPTConfig(lambda_warmup_steps=0, train=short(2), data=data), student, teacher,
                           small_world, tmp_path / "cpt")
     assert m["steps"] == 2
     with pytest.raises(ValueError, match="train_data"):
         bad = tmp_path / "bad"
-        from bitnet.data.influence import write_subset
         import numpy as np
+
+        from bitnet.data.influence import write_subset
 
         other = write_subset(small_world.dataset("train"), np.arange(4), bad)
         meta = json.loads((bad / "meta.json").read_text())
         meta["tokenizer_digest"] = "another"
         (bad / "meta.json").write_text(json.dumps(meta))
         _ = other
-        run_student_stage(CPTStageConfig(train=short(1), data=DATA.model_copy(update={"train_data": str(bad)})),
+        run_student_stage(CPTConfig(train=short(1), data=DATA.model_copy(update={"train_data": str(bad)})),
                           student, teacher, small_world, tmp_path / "cpt-bad")
 
 
 def test_freshly_converted_detects_trained_students(teacher_and_student) -> None:
-    from bitnet.stages import freshly_converted
     from bitnet.teacher import load_teacher
 
     teacher, student = teacher_and_student

@@ -22,7 +22,8 @@ def _train_a_little(model: torch.nn.Module) -> None:
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("arch,subln,lrc", [("llama", "standard", 0), ("qwen2", "all", 0), ("llama", "standard", 4), ("qwen3", "none", 0)])
+@pytest.mark.parametrize("arch,subln,lrc", [("llama", "standard", 0), ("qwen2", "all", 0), ("llama", "standard", 4),
+                                            ("qwen3", "none", 0)])
 def test_round_trip_identical_logits(tmp_path: Path, arch: str, subln: str, lrc: int) -> None:
     model = convert_to_bitnet(tiny_model(arch), BitNetConfig(subln=subln, quant_lambda=0.5))
     if lrc:

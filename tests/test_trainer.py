@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 from bitnet.data import BlockLoader, iter_eval_batches
 from bitnet.student import CheckpointError
 from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
-from bitnet.trainer import NonFiniteLossError, Trainer, TrainConfig, lr_lambda
+from bitnet.trainer import NonFiniteLossError, TrainConfig, Trainer, lr_lambda
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"

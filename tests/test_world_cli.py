@@ -11,36 +11,41 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from bitnet.cli import build_parser, main
-from bitnet.stages import TeacherStageConfig, train_teacher
+from bitnet.stages.registry import run_stage
+from bitnet.stages.teacher import TeacherConfig
+from bitnet.stages.training import StageData
 from bitnet.student import load_student
 from bitnet.teacher import TinyTeacherConfig
 from bitnet.trainer import TrainConfig
 from bitnet.world import WorldConfig, build_world
+from flows.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bitnet.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=600)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], pattern: str) -> None:
     assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("bitdistill: error: ")]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("bitdistill: error: ")]
     assert len(lines) == 1, proc.stderr
     assert pattern in lines[0], lines[0]
 
 
-def tiny_teacher_cfg(steps: int) -> TeacherStageConfig:
-    return TeacherStageConfig(
+def tiny_teacher_cfg(steps: int) -> TeacherConfig:
+    return TeacherConfig(
         model=TinyTeacherConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
                                 num_key_value_heads=2, max_position_embeddings=128),
         train=TrainConfig(max_steps=steps, lr=5e-3, warmup_steps=10, ckpt_every=50, progress=False),
-        batch_size=16,
-        eval_max_batches=20,
+        data=StageData(batch_size=16, eval_max_batches=20),
     )
+
+
+def train_teacher(cfg: TeacherConfig, world, out: Path) -> dict:
+    return run_stage("teacher", cfg, {"world": world.root}, out)
 
 
 def test_every_command_has_help() -> None:
@@ -81,7 +86,7 @@ def test_teacher_stage_beats_unigram_and_loads_in_transformers(small_world, tmp_
     student = load_student(tmp_path / "student")
     ids = torch.tensor([tok("def f(x): return x")["input_ids"]])
     assert torch.isfinite(student(input_ids=ids).logits).all()
-    assert (tmp_path / "student" / "tokenizer.json").is_file()
+    assert (tmp_path / "student" / "model" / "tokenizer.json").is_file()
 
     # changing the model but keeping the output directory: the old checkpoint is refused, not overwritten
     cfg = tiny_teacher_cfg(80)
@@ -99,7 +104,7 @@ def cli_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     """Run the CLI in-process; it must fail with exit code 2 and exactly one `bitdistill: error:` line."""
     capsys.readouterr()
     assert main(list(args)) == 2
-    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("bitdistill: error: ")]
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("bitdistill: error: ")]
     assert len(err) == 1
     return err[0]
 
@@ -110,7 +115,8 @@ def test_bad_input_is_one_line_error(tmp_path: Path, small_world, capsys: pytest
                                   str(tmp_path / "w")), "missing")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "no documents" in cli_error(capsys, "world", "build", "--source-dir", str(empty), "--out", str(tmp_path / "w"))
+    assert "no documents" in cli_error(capsys, "world", "build", "--source-dir", str(empty),
+                                       "--out", str(tmp_path / "w"))
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("vocab_size: [unclosed\n")
     assert "not valid YAML" in cli_error(capsys, "world", "build", "--config", str(bad_yaml))
@@ -121,7 +127,8 @@ def test_bad_input_is_one_line_error(tmp_path: Path, small_world, capsys: pytest
     assert (small_world.root / "world.json").is_file()  # the existing world was not touched
     assert "not a built world" in cli_error(capsys, "teacher", "train", "--world", str(tmp_path / "nowhere"),
                                             "--out", str(tmp_path / "t"))
-    assert "nowhere" in cli_error(capsys, "convert", "--teacher", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s"))
+    assert "nowhere" in cli_error(capsys, "convert", "--teacher", str(tmp_path / "nowhere"),
+                                  "--out", str(tmp_path / "s"))
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)
                     ).save_pretrained(gpt2)

@@ -1,4 +1,5 @@
-"""A tiny local corpus: the reStructuredText sources of the Python 3.11 docs (Debian ``python3.11-doc``, PSF licence)."""
+"""A tiny local corpus: the reStructuredText sources of the Python 3.11 docs (Debian ``python3.11-doc``, PSF
+licence)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bitnet.data.errors import DataError
-from bitnet.data.sources import Document, TextSource, iter_documents
+from bitnet.data.sources import PYTHON_DOCS_DIR, Document, TextSource, iter_documents, missing_corpus_hint
 
-PYTHON_DOCS_DIR = "/usr/share/doc/python3.11-doc/html/_sources"
 PYTHON_DOCS_GLOB = "**/*.rst.txt"
-_INSTALL_HINT = f"python3.11-doc is not installed: apt-get install python3.11-doc (expected {PYTHON_DOCS_DIR})"
 
 
 def python_docs_available() -> bool:
@@ -26,16 +25,11 @@ def python_docs_source() -> TextSource:
 def iter_python_docs(clean: bool = True) -> Iterator[Document]:
     """Documents of the Python docs corpus, optionally passed through :func:`clean_rst`."""
     if not python_docs_available():
-        raise DataError(_INSTALL_HINT)
+        raise DataError(missing_corpus_hint(PYTHON_DOCS_DIR) or PYTHON_DOCS_DIR)
     for doc in iter_documents(python_docs_source()):
         text = clean_rst(doc.text) if clean else doc.text
         if text.strip():
             yield Document(doc.id, text)
-
-
-def missing_corpus_hint(path: str) -> str | None:
-    """Install hint for a known corpus directory, else None."""
-    return _INSTALL_HINT if Path(path) == Path(PYTHON_DOCS_DIR) else None
 
 
 _UNDERLINE = re.compile(r"^\s*[=\-~^\"'`#*+_]{3,}[=\-~^\"'`#*+_\s]*$")

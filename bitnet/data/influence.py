@@ -404,7 +404,8 @@ def _features(
                 method = "vmap"
             except Exception as e:  # noqa: BLE001 - any functorch incompatibility: fall back to the loop
                 why = (str(e).splitlines() or [""])[0][:200]
-                warnings.warn(f"vmap per-example gradients failed ({type(e).__name__}: {why}); using a per-example loop",
+                warnings.warn(f"vmap per-example gradients failed ({type(e).__name__}: {why}); "
+                              "using a per-example loop",
                               RuntimeWarning, stacklevel=3)
                 method = "loop"
                 grads = per_example_gradients(model, batch, params, "loop")

@@ -116,9 +116,16 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-def _missing_dir_message(root: Path) -> str:
-    from bitnet.data.corpus import missing_corpus_hint
+PYTHON_DOCS_DIR = "/usr/share/doc/python3.11-doc/html/_sources"  # the offline corpus (Debian python3.11-doc)
+_INSTALL_HINT = f"python3.11-doc is not installed: apt-get install python3.11-doc (expected {PYTHON_DOCS_DIR})"
 
+
+def missing_corpus_hint(path: str) -> str | None:
+    """Install hint for a known corpus directory, else None."""
+    return _INSTALL_HINT if Path(path) == Path(PYTHON_DOCS_DIR) else None
+
+
+def _missing_dir_message(root: Path) -> str:
     return missing_corpus_hint(str(root)) or f"source directory does not exist: {root}"
 
 

@@ -1,0 +1,75 @@
+"""What the student stages (layer-wise, CPT, KD, LRC) share: the student/teacher pair and how a student is saved."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitnet.layers import set_quant_lambda
+from bitnet.stages.base import Inputs, model_dir, teacher_source
+from bitnet.stages.training import Proc, StageData, held_out_perplexity, train_and_save
+from bitnet.student import load_student, save_student
+from bitnet.teacher import load_teacher
+from bitnet.trainer import Callback, LossFn, TrainConfig
+from bitnet.world import World, open_world
+
+STUDENT_INPUTS = ("student", "teacher", "world")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper."""
+    return getattr(model, "module", model)
+
+
+def lm_forward(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Any:
+    return model(input_ids=ids, labels=ids, **kwargs)
+
+
+def load_pair(inputs: Inputs, proc: Proc) -> tuple[nn.Module, nn.Module, World]:
+    """The student to train, the frozen teacher (no gradients) and the world, with matching vocabularies."""
+    student = load_student(model_dir(inputs["student"])).to(proc.device)
+    teacher = load_teacher(teacher_source(inputs["teacher"])).to(proc.device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ValueError(f"teacher vocab ({teacher.config.vocab_size}) differs from the student's "
+                         f"({student.config.vocab_size})")
+    return student, teacher, open_world(inputs["world"])
+
+
+def check_same_depth_and_width(stage: str, student: nn.Module, teacher: nn.Module) -> None:
+    """Hidden states can be aligned layer by layer only between models of equal depth and width."""
+    for key in ("num_hidden_layers", "hidden_size"):
+        t, s = getattr(teacher.config, key), getattr(student.config, key)
+        if t != s:
+            raise ValueError(f"{stage}: teacher {key} ({t}) differs from the student's ({s}); "
+                             "hidden states cannot be aligned")
+
+
+def train_student(
+    stage: str,
+    student: nn.Module,
+    world: World,
+    out: Path,
+    *,
+    proc: Proc,
+    train: TrainConfig,
+    data: StageData,
+    loss_fn: LossFn,
+    callbacks: Iterable[Callback] = (),
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train, then save the fully quantized student (λ = 1) to ``out/model`` with its validation perplexity."""
+
+    def save(metrics: dict[str, Any]) -> None:
+        set_quant_lambda(student, 1.0)
+        metrics["val_ppl"] = held_out_perplexity(student, world, "validation", data)
+        save_student(student, out / "model", world.tokenizer())
+
+    metrics = train_and_save(student, proc=proc, train=train, data=data, world=world, out=out, save=save,
+                             loss_fn=loss_fn, callbacks=callbacks, desc=stage)
+    return {"stage": stage, **metrics, **(extra or {})}
