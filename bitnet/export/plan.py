@@ -1,0 +1,476 @@
+"""Which llama.cpp graph a student maps onto, and the exact type of every tensor: the export plan.
+
+Architectures (read in the llama.cpp that llama-cpp-python 0.3.36 vendors, ``src/models/*.cpp``,
+``src/llama-model.cpp``; see docs/export.md):
+
+- ``bitnet`` — SubLN ``standard`` students of Llama / Mistral shapes: ``attn_sub_norm`` before ``wo``,
+  ``ffn_sub_norm`` before ``ffn_down``, NEOX RoPE, **lm_head = token_embd** (no output tensor), no biases, no q/k
+  norms, no ``rope_freqs``, ``wq``/``wo`` are ``n_embd × n_embd``;
+- ``llama`` — SubLN ``none`` students of Llama / Mistral: NORM RoPE (so Q/K rows are permuted as
+  ``convert_hf_to_gguf.py`` does), optional q/k/v/o biases, ``head_dim`` ≠ n_embd/n_head, untied ``output``,
+  llama3 RoPE scaling as the ``rope_freqs`` tensor, linear scaling as metadata;
+- ``qwen2`` — SubLN ``none``: q/k/v biases, NEOX RoPE, untied ``output``;
+- ``qwen3`` — SubLN ``none``: per-head q/k RMSNorms, ``head_dim`` ≠ n_embd/n_head, NEOX RoPE, untied ``output``.
+
+Every ternary matrix is written from its codes and Δ (never re-quantized from floats) in the best *exact* type its
+row length allows (:mod:`bitnet.export.quants`). Δ goes either into an F32 ``<tensor>.scale`` (``delta="tensor"``,
+exact: the ``bitnet`` graph loads it, and this llama.cpp loads ``.scale`` for every architecture in its generic
+pass after ``load_arch_tensors``) or into the fp16 block scales (``delta="fold"``, Δ rounded to 11 bits, for
+runtimes without that pass).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from bitnet.convert import BitNetConfig, decoder_layers
+from bitnet.export.errors import UnsupportedExportError
+from bitnet.export.names import LAYER_MATRICES, LAYER_NORMS, QK_K, QK_NORMS, SUB_NORMS, T, tensor_name
+from bitnet.export.quants import (
+    EMBEDDING_QTYPES,
+    TERNARY_QTYPES,
+    VEC_DOT,
+    bits_per_weight,
+    block_size,
+    pack_ternary,
+    quantize_embedding,
+)
+from bitnet.layers import BitLinear, BitLinearLRC
+
+Arch = Literal["bitnet", "llama", "qwen2", "qwen3"]
+DeltaMode = Literal["auto", "tensor", "fold"]
+Fallback = Literal["auto", "q4_0", "q8_0"]
+ARCHS: tuple[str, ...] = ("bitnet", "llama", "qwen2", "qwen3")
+WEIGHT_TYPES: tuple[str, ...] = ("tq2_0", "tq1_0", "q4_0", "q8_0", "f16")
+EMBEDDING_TYPES: tuple[str, ...] = ("f16", "f32", "q8_0", "q6_k")
+# measured (benchmarks/gguf_speed.py, docs/export.md): Q4_0 decodes faster than Q8_0 for rows TQ cannot hold
+FALLBACK_BY_SPEED = "q4_0"
+# graphs that multiply every ternary matrix's output by its ``.scale`` (qwen2's build_ffn call passes NULL scales)
+SCALE_ARCHS = ("bitnet", "llama", "qwen3")
+NATIVE_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+WAYS_OUT = "convert with --subln none (native llama/qwen2/qwen3 graph), or use the HF export (--hf-out)"
+
+
+def unsupported(msg: str, arch: str = "llama.cpp") -> UnsupportedExportError:
+    return UnsupportedExportError(f"cannot export to llama.cpp {arch!r}: {msg}" if arch != "llama.cpp"
+                                  else f"cannot export to llama.cpp: {msg}")
+
+
+@dataclass(frozen=True)
+class ExportHParams:
+    """The hyper-parameters llama.cpp reads, for any of the four graphs."""
+
+    n_vocab: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx: int
+    rope_theta: float
+    rms_eps: float
+    arch: str = "bitnet"
+    tied: bool = True
+    rope_scaling: str = "none"  # none | linear | llama3
+    rope_factor: float = 1.0
+    rope_freqs: tuple[float, ...] | None = None  # llama3: llama.cpp's rope_freqs (divisors of each frequency)
+
+
+BitnetHParams = ExportHParams  # the old name
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor of the file: GGUF name, shape (rows × row length, HF order), type and bits per value."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: str
+    role: str  # ternary | embedding | output | norm | scale | bias | rope
+    note: str = ""
+
+    @property
+    def qtype(self) -> gguf.GGMLQuantizationType:
+        return gguf.GGMLQuantizationType[self.type]
+
+    @property
+    def bits(self) -> float:
+        return bits_per_weight(self.qtype)
+
+    @property
+    def n_values(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def n_bytes(self) -> int:
+        blk, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return self.n_values // blk * size
+
+
+@dataclass
+class ExportPlan:
+    arch: str
+    hparams: ExportHParams
+    weight_type: str
+    embedding_type: str
+    delta: str
+    tensors: list[TensorPlan] = field(default_factory=list)
+
+    def ternary(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.role == "ternary"]
+
+    @property
+    def ternary_params(self) -> int:
+        return sum(t.n_values for t in self.ternary())
+
+    @property
+    def ternary_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.ternary())
+
+    def type_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.ternary():
+            counts[t.type] = counts.get(t.type, 0) + t.n_values
+        return counts
+
+    def table(self, *, all_tensors: bool = False) -> str:
+        """A printable table (markdown): tensor, shape, type, bits; norms/scales only with ``all_tensors``."""
+        rows = [t for t in self.tensors if all_tensors or t.role in ("ternary", "embedding", "output")]
+        lines = [f"arch {self.arch}; ternary {self.weight_type} (Δ in {'.scale F32' if self.delta == 'tensor' else 'fp16 block scales'}); "
+                 f"embedding {self.embedding_type}",
+                 "| tensor | shape | type | bits | note |", "|---|---|---|---|---|"]
+        lines += [f"| {t.name} | {' × '.join(map(str, t.shape))} | {t.type} | {t.bits:.4g} | {t.note} |" for t in rows]
+        mix = ", ".join(f"{k} {v / max(self.ternary_params, 1):.1%}" for k, v in sorted(self.type_counts().items()))
+        lines.append(f"\nternary: {self.ternary_params / 1e6:.2f} M weights, {8 * self.ternary_bytes / max(self.ternary_params, 1):.4f} "
+                     f"bits/weight ({mix}); file ≈ {sum(t.n_bytes for t in self.tensors) / 1e6:.1f} MB + vocabulary")
+        return "\n".join(lines)
+
+    def as_rows(self) -> list[dict]:
+        return [{"tensor": t.name, "shape": list(t.shape), "type": t.type, "bits": round(t.bits, 4), "role": t.role}
+                for t in self.tensors]
+
+
+# ------------------------------------------------------------------------------------------------ architecture
+def _rope(cfg, arch: str) -> tuple[float, str, float, tuple[float, ...] | None]:
+    params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    rope_type = str(params.get("rope_type", params.get("type", "default")) or "default")
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if theta is None:
+        raise unsupported("the config has no rope_theta", arch)
+    if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        raise unsupported("partial rotary embeddings", arch)
+    theta = float(theta)
+    if rope_type == "default":
+        return theta, "none", 1.0, None
+    if arch == "llama" and rope_type == "linear":
+        return theta, "linear", float(params["factor"]), None
+    if arch == "llama" and rope_type == "llama3":
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        return theta, "llama3", 1.0, llama3_rope_freqs(params, theta, head_dim)
+    if arch == "bitnet" and rope_type in ("llama3", "linear"):
+        raise unsupported(f"RoPE scaling {rope_type!r} (the bitnet graph loads no rope_freqs); {WAYS_OUT}", arch)
+    raise unsupported(f"RoPE scaling {rope_type!r} for {arch}", arch)
+
+
+def llama3_rope_freqs(params: dict, theta: float, dim: int) -> tuple[float, ...]:
+    """``rope_freqs`` as ``convert_hf_to_gguf.py`` (LlamaModel.generate_extra_tensors) computes it."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = params.get("factor", 8.0)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    old = params.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(float(factor))
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return tuple(out)
+
+
+def _tied(model: nn.Module) -> bool:
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    return head is not None and (head.weight is emb or torch.equal(head.weight, emb))
+
+
+def _attn(block: nn.Module) -> nn.Module:
+    return block.get_submodule("self_attn")
+
+
+def resolve_arch(model: nn.Module, arch: str = "auto") -> str:
+    """The llama.cpp graph for ``model`` (``arch="auto"``: ``bitnet`` for SubLN standard, native for SubLN none)."""
+    bcfg: BitNetConfig | None = getattr(model, "bitnet_config", None)
+    if bcfg is None:
+        raise unsupported("not a converted BitNet student (run convert_to_bitnet first)", "bitnet")
+    mt = getattr(model.config, "model_type", "?")
+    if mt not in NATIVE_ARCH:
+        raise unsupported(f"model type {mt!r} (supported: {', '.join(sorted(NATIVE_ARCH))})")
+    if arch not in ("auto", *ARCHS):
+        raise unsupported(f"arch must be auto or one of {', '.join(ARCHS)}, got {arch!r}")
+    if bcfg.subln == "none":
+        native = NATIVE_ARCH[mt]
+        if arch not in ("auto", native):
+            raise unsupported(f"a {mt} student without SubLN maps onto llama.cpp {native!r}, not {arch!r}")
+        return native
+    if bcfg.subln == "standard" and mt in ("llama", "mistral"):
+        if arch not in ("auto", "bitnet"):
+            raise unsupported(f"SubLN 'standard' needs the bitnet graph's sub-norms; {arch!r} has none; {WAYS_OUT}")
+        return "bitnet"
+    if bcfg.subln == "standard":
+        what = "q/k/v biases" if mt == "qwen2" else "q/k norms"
+        raise unsupported(f"no stock llama.cpp graph has {mt}'s {what} and SubLN (bitnet has the sub-norms but no {what}, "
+                          f"{mt} has no sub-norms); {WAYS_OUT}")
+    raise unsupported(f"SubLN placement {bcfg.subln!r}: llama.cpp has sub-norms only before wo and ffn_down "
+                      f"('standard', the bitnet graph); {WAYS_OUT}")
+
+
+def check_exportable(model: nn.Module, weight_type: str = "tq2_0", arch: str = "auto") -> ExportHParams:
+    """Raise :class:`UnsupportedExportError` unless ``model`` maps exactly onto a llama.cpp graph; its hparams."""
+    arch = resolve_arch(model, arch)
+    bcfg: BitNetConfig = model.bitnet_config
+    cfg = model.config
+    mt = cfg.model_type
+    if getattr(cfg, "mlp_bias", False):
+        raise unsupported("MLP biases (llama.cpp applies .scale after the bias)", arch)
+    act = getattr(cfg, "hidden_act", "silu")
+    if act != "silu":
+        raise unsupported(f"FFN activation {act!r} (the graphs use a SiLU-gated FFN)", arch)
+    tied = _tied(model)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise unsupported("the model has no output embedding", arch)
+    if getattr(head, "bias", None) is not None:
+        raise unsupported("lm_head has a bias", arch)
+    if arch == "bitnet" and not tied:
+        raise unsupported(f"untied input/output embeddings; the bitnet graph uses token_embd as lm_head; {WAYS_OUT}", arch)
+    sliding = getattr(cfg, "sliding_window", None)
+    n_ctx = int(cfg.max_position_embeddings)
+    if sliding is not None and getattr(cfg, "use_sliding_window", True) and int(sliding) < n_ctx:
+        raise unsupported(f"sliding-window attention ({sliding} < {n_ctx} positions)", arch)
+    n_embd, n_head = int(cfg.hidden_size), int(cfg.num_attention_heads)
+    n_head_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
+    head_dim = int(getattr(cfg, "head_dim", None) or n_embd // n_head)
+    if arch == "bitnet" and head_dim * n_head != n_embd:
+        raise unsupported(f"heads·head_dim = {n_head}·{head_dim} ≠ hidden size {n_embd} (wq/wo must be n_embd × n_embd); "
+                          f"{WAYS_OUT}", arch)
+    eps = float(cfg.rms_norm_eps)
+    if arch == "bitnet" and bcfg.norm_eps is not None and not math.isclose(bcfg.norm_eps, eps, rel_tol=1e-6):
+        raise unsupported(f"SubLN eps {bcfg.norm_eps} differs from rms_norm_eps {eps}; llama.cpp has one eps for all norms", arch)
+    layers = decoder_layers(model)
+    for i, block in enumerate(layers):
+        for path in LAYER_MATRICES:
+            m = block.get_submodule(path)
+            if not isinstance(m, BitLinear):
+                raise unsupported(f"layer {i} {path} is a {type(m).__name__}, not a BitLinear", arch)
+            if m.quant_lambda != 1.0:
+                raise unsupported(f"layer {i} {path} has quant_lambda {m.quant_lambda}; the file holds the fully ternary "
+                                  "student (λ = 1)", arch)
+            if m.bias is not None and (arch in ("bitnet", "qwen3") or path.startswith("mlp.")
+                                       or (arch == "qwen2" and path == "self_attn.o_proj")):
+                raise unsupported(f"layer {i} {path} has a bias, which the {arch} graph does not load", arch)
+            if (m.sub_norm is not None) != (arch == "bitnet" and path in SUB_NORMS):
+                raise unsupported(f"layer {i} {path}: SubLN {'present' if m.sub_norm is not None else 'missing'}", arch)
+        if arch == "qwen3":
+            for path in QK_NORMS:
+                norm = block.get_submodule(path)
+                if tuple(norm.weight.shape) != (head_dim,):
+                    raise unsupported(f"layer {i} {path} has shape {tuple(norm.weight.shape)}, not ({head_dim},)", arch)
+    if mt == "qwen2" and arch == "qwen2":
+        for i, block in enumerate(layers):
+            for p in ("q_proj", "k_proj", "v_proj"):
+                if _attn(block).get_submodule(p).bias is None:
+                    raise unsupported(f"layer {i} self_attn.{p} has no bias, which the qwen2 graph expects", arch)
+    _check_every_parameter_mapped(model, layers, arch)
+    theta, scaling, factor, freqs = _rope(cfg, arch)
+    return ExportHParams(
+        n_vocab=int(model.get_input_embeddings().weight.shape[0]), n_embd=n_embd, n_ff=int(cfg.intermediate_size),
+        n_layer=len(layers), n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ctx=n_ctx, rope_theta=theta,
+        rms_eps=eps, arch=arch, tied=tied, rope_scaling=scaling, rope_factor=factor, rope_freqs=freqs,
+    )
+
+
+def _check_every_parameter_mapped(model: nn.Module, layers: nn.ModuleList, arch: str) -> None:
+    """Any parameter without a place in the graph (e.g. a bias the graph ignores) would be silently dropped: refuse."""
+    mapped = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    norm = getattr(base, "norm", None)
+    if norm is not None:
+        mapped.add(id(norm.weight))
+    for block in layers:
+        for path in LAYER_NORMS:
+            mapped.add(id(block.get_submodule(path).weight))
+        if arch == "qwen3":
+            for path in QK_NORMS:
+                mapped.add(id(block.get_submodule(path).weight))
+        for path in LAYER_MATRICES:
+            m = block.get_submodule(path)
+            mapped.add(id(m.weight))
+            if m.bias is not None:
+                mapped.add(id(m.bias))
+            if m.sub_norm is not None:
+                mapped.add(id(m.sub_norm.weight))
+            if isinstance(m, BitLinearLRC):  # shipped as a LoRA adapter, see bitnet.export.lora
+                mapped.update({id(m.lrc_u), id(m.lrc_v)})
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in mapped:
+            raise unsupported(f"parameter {name} has no place in the {arch} graph", arch)
+
+
+# ------------------------------------------------------------------------------------------------ types
+def ternary_type(n_in: int, weight_type: str, fallback: str = "auto") -> tuple[str, str]:
+    """The exact type for a ternary matrix with rows of ``n_in`` values, and a note when it is not ``weight_type``."""
+    fb = FALLBACK_BY_SPEED if fallback == "auto" else fallback
+    want = TERNARY_QTYPES[weight_type]
+    if n_in % block_size(want) == 0:
+        return weight_type, ""
+    fb_q = TERNARY_QTYPES[fb]
+    if weight_type in ("tq2_0", "tq1_0") and n_in % block_size(fb_q) == 0:
+        return fb, f"row {n_in} not a multiple of {QK_K}: exact {fb.upper()}"
+    return "f16", f"row {n_in} fits no block type: exact F16 codes"
+
+
+def _check_options(weight_type: str, embedding_type: str, delta: str, fallback: str, n_embd: int) -> None:
+    if weight_type not in WEIGHT_TYPES:
+        raise UnsupportedExportError(f"weight_type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
+    if embedding_type not in EMBEDDING_TYPES:
+        raise UnsupportedExportError(f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {embedding_type!r}")
+    if delta not in ("auto", "tensor", "fold"):
+        raise UnsupportedExportError(f"delta must be auto, tensor or fold, got {delta!r}")
+    if fallback not in ("auto", "q4_0", "q8_0"):
+        raise UnsupportedExportError(f"fallback must be auto, q4_0 or q8_0, got {fallback!r}")
+    blk = block_size(EMBEDDING_QTYPES[embedding_type])
+    if n_embd % blk:
+        raise UnsupportedExportError(f"embedding type {embedding_type} needs a width that is a multiple of {blk}; "
+                                     f"the model has {n_embd} (use q8_0 or f16)")
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+@dataclass
+class Entry:
+    plan: TensorPlan
+    make: Callable[[], tuple[np.ndarray, gguf.GGMLQuantizationType | None]]
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """``convert_hf_to_gguf.py`` LlamaModel.permute: HF's rotate-half Q/K rows → llama.cpp's NORM RoPE pair order."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def row_permutation(hp: ExportHParams, path: str) -> int | None:
+    """Heads to permute the rows of ``path`` over in the file, or None (only the ``llama`` graph's wq/wk)."""
+    if hp.arch != "llama":
+        return None
+    return {"self_attn.q_proj": hp.n_head, "self_attn.k_proj": hp.n_head_kv}.get(path)
+
+
+def _float(name: str, shape: tuple[int, ...], role: str, get: Callable[[], np.ndarray], note: str = "") -> Entry:
+    return Entry(TensorPlan(name, shape, "F32", role, note), lambda: (get().astype(np.float32), None))
+
+
+def _ternary_entries(layer: BitLinear, kind: gguf.MODEL_TENSOR, i: int, path: str, hp: ExportHParams,
+                     weight_type: str, fallback: str, delta: str) -> Iterator[Entry]:
+    wt, note = ternary_type(layer.in_features, weight_type, fallback)
+    qtype = TERNARY_QTYPES[wt]
+    heads = row_permutation(hp, path)
+    cache: dict[str, object] = {}
+
+    def tw():
+        if "tw" not in cache:
+            cache["tw"] = layer.ternary_weight()
+        return cache["tw"]
+
+    def make() -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+        codes = tw().codes.cpu().numpy()
+        if heads is not None:
+            codes = permute_rows(codes, heads)
+        d = 1.0 if delta == "tensor" else tw().scale
+        data = pack_ternary(codes, qtype, d)
+        return data, (None if wt == "f16" else qtype)
+
+    shape = (layer.out_features, layer.in_features)
+    yield Entry(TensorPlan(tensor_name(kind, i), shape, wt.upper(), "ternary", note), make)
+    if delta == "tensor":
+        yield Entry(TensorPlan(tensor_name(kind, i, "scale"), (1,), "F32", "scale", "Δ"),
+                    lambda: (np.array([tw().scale], dtype=np.float32), None))
+    if layer.bias is not None:
+        def bias() -> np.ndarray:
+            b = _f32(layer.bias)
+            return permute_rows(b, heads) if heads is not None else b
+        yield _float(tensor_name(kind, i, "bias"), (layer.out_features,), "bias", bias)
+
+
+def entries(model: nn.Module, hp: ExportHParams, *, weight_type: str, embedding_type: str, delta: str,
+            fallback: str) -> Iterator[Entry]:
+    """Every tensor of the file in order, with a function that produces its data."""
+    emb_q = EMBEDDING_QTYPES[embedding_type]
+    emb = model.get_input_embeddings().weight
+    shape = tuple(int(s) for s in emb.shape)
+    note = "also the output (lm_head)" if hp.tied else ""
+    yield Entry(TensorPlan(tensor_name(T.TOKEN_EMBD), shape, emb_q.name, "embedding", note),
+                lambda: quantize_embedding(_f32(emb), embedding_type))
+    yield _float(tensor_name(T.OUTPUT_NORM), (hp.n_embd,), "norm", lambda: _f32(model.get_decoder().norm.weight))
+    if not hp.tied:
+        head = model.get_output_embeddings().weight
+        yield Entry(TensorPlan(tensor_name(T.OUTPUT), tuple(int(s) for s in head.shape), emb_q.name, "output"),
+                    lambda: quantize_embedding(_f32(head), embedding_type))
+    if hp.rope_freqs is not None:
+        freqs = np.asarray(hp.rope_freqs, dtype=np.float32)
+        yield _float(tensor_name(T.ROPE_FREQS), (len(freqs),), "rope", lambda: freqs, "llama3 RoPE scaling")
+    for i, block in enumerate(decoder_layers(model)):
+        for path, kind in LAYER_NORMS.items():
+            w = block.get_submodule(path).weight
+            yield _float(tensor_name(kind, i), (hp.n_embd,), "norm", lambda w=w: _f32(w))
+        if hp.arch == "qwen3":
+            for path, kind in QK_NORMS.items():
+                w = block.get_submodule(path).weight
+                yield _float(tensor_name(kind, i), (hp.head_dim,), "norm", lambda w=w: _f32(w))
+        for path, kind in LAYER_MATRICES.items():
+            layer = block.get_submodule(path)
+            if layer.sub_norm is not None:
+                w = layer.sub_norm.weight
+                yield _float(tensor_name(SUB_NORMS[path], i), (layer.in_features,), "norm", lambda w=w: _f32(w))
+            yield from _ternary_entries(layer, kind, i, path, hp, weight_type, fallback, delta)
+
+
+def resolve_delta(arch: str, delta: str) -> str:
+    """``auto``: Δ in an exact F32 ``.scale`` where the graph applies it to every matrix, else in the block scales."""
+    if delta == "auto":
+        return "tensor" if arch in SCALE_ARCHS else "fold"
+    if delta == "tensor" and arch not in SCALE_ARCHS:
+        raise unsupported("the qwen2 graph does not apply .scale to its FFN matrices; use delta 'fold' (or auto)", arch)
+    return delta
+
+
+def plan_export(model: nn.Module, *, weight_type: str = "tq2_0", embedding_type: str = "f16", delta: DeltaMode = "auto",
+                fallback: Fallback = "auto", arch: str = "auto") -> ExportPlan:
+    """The plan for ``model`` (for ``bitdistill export --plan``): nothing is computed or written."""
+    hp = check_exportable(model, weight_type, arch)
+    _check_options(weight_type, embedding_type, delta, fallback, hp.n_embd)
+    delta = resolve_delta(hp.arch, delta)
+    plan = ExportPlan(hp.arch, hp, weight_type, embedding_type, delta)
+    plan.tensors = [e.plan for e in entries(model, hp, weight_type=weight_type, embedding_type=embedding_type,
+                                            delta=delta, fallback=fallback)]
+    return plan
+
+
+def activation_blocks(plan: ExportPlan) -> dict[str, str]:
+    """Ternary tensor name → how llama.cpp's CPU matmul quantizes its input (q8_K, q8_0 or f16), for references."""
+    return {t.name: VEC_DOT[t.type.lower()] for t in plan.ternary()}
