@@ -44,7 +44,7 @@ def _module_file(root: Path, module: str) -> Path | None:
     return None
 
 
-def _imports(file: Path, package: str) -> set[str]:
+def imported_modules(file: Path, package: str) -> set[str]:
     """Every module named by an import statement in ``file`` (anywhere in it), with relative imports resolved."""
     tree = ast.parse(file.read_text(), filename=str(file))
     found: set[str] = set()
@@ -75,7 +75,7 @@ def code_files(modules: tuple[str, ...], roots: list[Path]) -> list[Path]:
         parts = mod.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages' __init__ run first
         package = mod if file.name == "__init__.py" else ".".join(parts[:-1])
-        todo += [m for m in _imports(file, package) if ours(m)]
+        todo += [m for m in imported_modules(file, package) if ours(m)]
     return sorted(set(seen.values()))
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.caching import imported_modules
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bitnet", "kernels", "tasks", "flows")
 
@@ -23,16 +25,7 @@ def _imports() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, file in modules.items():
         package = name if file.name == "__init__.py" else name.rpartition(".")[0]
-        found: set[str] = set()
-        for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.Import):
-                found.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*anchor, base] if base else anchor)
-                found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
+        found = imported_modules(file, package)
         graph[name] = {m for m in found if m in modules and m != name}
     return graph
 
