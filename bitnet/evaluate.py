@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,17 +42,6 @@ def perplexity(
     if count == 0:
         raise ValueError("perplexity needs at least one batch")
     return math.exp(nll / count)
-
-
-def unigram_perplexity(train_tokens: np.ndarray, test_blocks: np.ndarray, vocab_size: int) -> float:
-    """Perplexity of an add-one smoothed unigram model fit on ``train_tokens``, scored like :func:`perplexity`.
-
-    ``test_blocks`` is (n_blocks, seq_len); as for the LM, the first token of each block is not predicted.
-    """
-    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    targets = np.asarray(test_blocks, dtype=np.int64)[:, 1:].reshape(-1)
-    return float(math.exp(-logp[targets].mean()))
 
 
 @torch.no_grad()

@@ -32,9 +32,9 @@ from bitnet.data import (
     split_documents,
     train_bpe_tokenizer,
 )
+from bitnet.data.baseline import unigram_perplexity
 from bitnet.data.corpus import clean_rst, python_docs_source
 from bitnet.data.tokenizer import TOKENIZER_MARKER
-from bitnet.evaluate import unigram_perplexity
 from bitnet.io import atomic_dir, sha256_json, write_json_atomic
 
 SPLITS = ("train", "validation", "test")

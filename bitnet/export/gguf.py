@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import gguf
-import numpy as np
 import torch
 from torch import nn
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,13 +19,18 @@ class ExportConfig(BaseModel):
     weight_type: WeightType = Field(default="tq2_0", description="GGUF type of the ternary matrices")
     embedding_type: EmbeddingType = Field(default="f16", description="GGUF type of the token embedding")
     tokenizer_pre: str | None = Field(default=None, description="llama.cpp pre-tokenizer when it cannot be inferred")
+    arch: Literal["auto", "bitnet", "llama", "qwen2", "qwen3"] = Field(
+        default="auto", description="llama.cpp graph: auto = bitnet for SubLN students, the native one without SubLN")
+    fallback: Literal["auto", "q4_0", "q8_0"] = Field(
+        default="auto", description="exact type for ternary rows that TQ2_0/TQ1_0 cannot hold (not a multiple of 256)")
 
 
 def run(cfg: ExportConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
     res = export_gguf(model_dir(inputs["student"]), out / GGUF_NAME, weight_type=cfg.weight_type,
-                      embedding_type=cfg.embedding_type, tokenizer_pre=cfg.tokenizer_pre, lora_out=out / LORA_NAME)
+                      embedding_type=cfg.embedding_type, tokenizer_pre=cfg.tokenizer_pre, lora_out=out / LORA_NAME,
+                      arch=cfg.arch, fallback=cfg.fallback)
     return {"gguf": GGUF_NAME, "lora": res.lora_path.name if res.lora_path else None,
-            "weight_type": res.weight_type, "file_bytes": res.file_bytes, "n_tensors": res.n_tensors,
+            "arch": res.arch, "weight_type": res.weight_type, "file_bytes": res.file_bytes, "n_tensors": res.n_tensors,
             "ternary_params": res.ternary_params, "bits_per_ternary_weight": res.bits_per_ternary_weight}
 
 
