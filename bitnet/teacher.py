@@ -1,4 +1,4 @@
-"""Teachers: the tiny Llama-architecture teacher the offline preset pretrains, and real HF teachers.
+"""Teachers: the tiny Llama-architecture teacher the offline preset pretrains, and real HF or GGUF teachers.
 
 The tiny teacher's shapes suit llama.cpp's ternary types and its ``bitnet`` graph: every linear's input
 dimension is a multiple of 256 (hidden and intermediate sizes), heads·head_dim = hidden size and the
@@ -76,7 +76,18 @@ def build_tiny_teacher(cfg: TinyTeacherConfig, vocab_size: int, *, bos_token_id:
 
 
 def load_teacher(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A Hugging Face causal LM from a local directory or a hub id (``from_pretrained``), in eval mode."""
+    """A causal LM in eval mode: an HF directory or hub id (``from_pretrained``), or a GGUF source.
+
+    A GGUF source (a ``.gguf`` path or a named source such as ``smollm2-135m``, see :mod:`bitnet.pretrained`) is
+    dequantised in memory, which takes about a minute for SmolLM2-135M on 2 cores: pipelines materialise it once
+    with :func:`bitnet.pretrained.materialize_teacher` and load that checkpoint instead.
+    """
+    from bitnet.pretrained import load_gguf_model, resolve_source
+
+    source = resolve_source(name_or_path)
+    if source.is_gguf:
+        assert source.path is not None
+        return load_gguf_model(source.path, dtype=dtype)
     local = Path(name_or_path)
     if local.exists() and not (local / "config.json").is_file():
         raise FileNotFoundError(f"{local} is not a Hugging Face model directory (config.json missing)")
