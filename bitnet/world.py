@@ -105,8 +105,11 @@ def _documents(cfg: WorldConfig) -> list[Document]:
 
 
 def _load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """An HF tokenizer (directory or hub id) or a teacher source's (a named source or a GGUF file)."""
+    from bitnet.pretrained import load_teacher_tokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = load_teacher_tokenizer(name_or_path)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from e
     if tokenizer.eos_token_id is None:

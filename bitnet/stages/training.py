@@ -7,6 +7,7 @@ callbacks and how it saves.
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,11 @@ class Proc:
             torch.distributed.barrier()
 
 
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def held_out_perplexity(model: nn.Module, world: World, split: str, data: StageData) -> float:
     return perplexity(model, iter_eval_batches(world.dataset(split), data.eval_batch_size, data.eval_max_batches))
 
@@ -110,7 +116,10 @@ def train_and_save(
     result = trainer.fit()
     metrics: dict[str, Any] = {"steps": result.steps, "tokens": result.tokens, "train_loss": result.train_loss,
                                "val_loss": result.val_loss, "wall_s": result.wall_s,
-                               "resumed_from": result.resumed_from}
+                               "tokens_per_s": result.tokens / result.wall_s if result.wall_s > 0 else None,
+                               "peak_rss_gb": peak_rss_gb(), "resumed_from": result.resumed_from}
+    if torch.cuda.is_available():
+        metrics["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if proc.rank == 0:
         model.eval()
         save(metrics)
