@@ -55,8 +55,11 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(110) == pytest.approx(0.1)
-    with pytest.raises(ValueError):
-        TrainConfig(max_steps=5, warmup_steps=6)
+    # issue 14: the warm-up is clamped to the step budget (a 2-step run with the 15-step default is valid)
+    short = TrainConfig(max_steps=2, warmup_steps=15)
+    assert short.effective_warmup == 2
+    g = lr_lambda(short)
+    assert g(0) == pytest.approx(0.5) and g(1) == pytest.approx(1.0)
 
 
 def test_training_lowers_validation_loss(small_world, tmp_path: Path) -> None:

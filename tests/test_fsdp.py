@@ -1,0 +1,162 @@
+"""FSDP2 on CPU (gloo, 2 processes): sharded BitLinear = unsharded, activation checkpointing, teacher placement,
+DCP checkpoints with exact resume after SIGKILL and resharding 2 -> 1 and 1 -> 2 processes; bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bitnet.convert import BitNetConfig, convert_to_bitnet
+from bitnet.data import BlockLoader
+from bitnet.parallel import ParallelConfigError, apply_activation_checkpointing
+from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
+from bitnet.trainer import Trainer, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "scripts"
+TRAIN = SCRIPTS / "train_student.py"
+BIN = Path(sys.executable).parent
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT)
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def command(script: Path, *args: str, procs: int) -> list[str]:
+    if procs == 1:
+        return [sys.executable, str(script), *args]
+    return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={procs}", str(script), *args]
+
+
+def run(script: Path, *args: str, procs: int = 2, timeout: int = 300) -> str:
+    proc = subprocess.run(command(script, *args, procs=procs), env=env(), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+def tiny_student(dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_tiny_teacher(
+        TinyTeacherConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128),
+        512, bos_token_id=0, eos_token_id=0,
+    )
+    model.config.attention_dropout = dropout
+    return convert_to_bitnet(model, BitNetConfig())
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, float((a[k].float() - b[k].float()).abs().max()))
+
+
+def test_fsdp_with_one_process_is_refused(small_world, tmp_path: Path) -> None:
+    cfg = TrainConfig(max_steps=2, parallel="fsdp", progress=False)
+    with pytest.raises(ParallelConfigError, match=r"parallel=fsdp needs at least 2 processes.*has 1") as e:
+        Trainer(tiny_student(), BlockLoader(small_world.dataset("train"), 2), cfg, tmp_path)
+    assert "\n" not in str(e.value)
+    assert not tmp_path.joinpath("checkpoints").exists()
+    with pytest.raises(ValueError, match="cpu_offload needs parallel: fsdp"):
+        TrainConfig(max_steps=2, cpu_offload=True)
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients() -> None:
+    """Recomputing a block in backward replays the same ops on the same inputs (and, with dropout, the same RNG
+    state, which checkpoint restores), so loss and gradients are bit-identical, not merely close."""
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
+    results = []
+    for ac in (False, True):
+        model = tiny_student(dropout=0.1)
+        if ac:
+            apply_activation_checkpointing(model)
+        model.train()
+        torch.manual_seed(42)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        names = [n for n, _ in model.named_parameters()]
+        assert not any("checkpoint" in n for n in names)  # composable AC keeps parameter names
+    assert torch.equal(results[0][0], results[1][0])
+    assert_same(results[0][1], results[1][1])
+
+
+def test_fsdp_sharded_bitlinear_teacher_offload_match_unsharded() -> None:
+    out = run(SCRIPTS / "fsdp_checks.py")
+    assert "CHECKS OK" in out
+
+
+def test_fsdp_training_resume_and_reshard(small_world, tmp_path: Path) -> None:
+    w = str(small_world.root)
+    common = ["--steps", "8", "--ckpt-every", "2", "--dropout", "0.1", "--dump-at", "4"]
+
+    # uninterrupted FSDP run: KD loss, sharded teacher, dropout (so RNG state matters), checkpoints at 2, 4, 6, 8
+    straight = tmp_path / "straight"
+    out = run(TRAIN, w, str(straight), "--parallel", "fsdp", *common)
+    assert "RESULT steps=8 resumed_from=None" in out
+    ckpt4 = straight / "checkpoints" / "step-00000004"
+    shards = sorted(p.name for p in ckpt4.iterdir())
+    assert shards == ["rng.safetensors", "shard-00001-model-00001-of-00001.safetensors",
+                      "shard-00002-model-00001-of-00001.safetensors", "trainer.json"], shards
+
+    # the same run killed with SIGKILL after its step-4 checkpoint, restarted: bit-identical final weights
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(TRAIN, w, str(killed), "--parallel", "fsdp", *common, "--sleep", "0.5", procs=2),
+                            env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while not (killed / "checkpoints" / "step-00000004").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert not (killed / "model").exists()
+    latest = max(int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("step-*"))
+    assert 4 <= latest < 8
+    (killed / "checkpoints" / ".step-00000099.tmp").mkdir()  # what a kill during a save leaves behind
+    out = run(TRAIN, w, str(killed), "--parallel", "fsdp", *common)
+    assert f"resumed_from={latest}" in out
+    assert not (killed / "checkpoints" / ".step-00000099.tmp").exists()
+    assert_same(load_file(str(straight / "model" / "model.safetensors")),
+                load_file(str(killed / "model" / "model.safetensors")))
+    assert (killed / "metrics.jsonl").read_text() .count("\n") == 8
+
+    # reshard 2 -> 1: one process loads the 2-rank checkpoint of step 4; at step 4 (before training on) its full
+    # model and optimizer state are exactly those the 2-rank run had at step 4; then it trains on to step 6
+    two_to_one = tmp_path / "two_to_one"
+    shutil.copytree(ckpt4, two_to_one / "checkpoints" / ckpt4.name)
+    out = run(TRAIN, w, str(two_to_one), "--parallel", "ddp", "--batch-size", "4", "--steps", "6",
+              "--dump-at", "4", procs=1)
+    assert "RESULT steps=6 resumed_from=4" in out
+    for part in ("model", "optimizer"):
+        assert_same(load_file(str(straight / "dump-4" / f"{part}.safetensors")),
+                    load_file(str(two_to_one / "dump-4" / f"{part}.safetensors")))
+
+    # reshard 1 -> 2: a one-process run (CPT loss, λ warm-up) checkpoints step 4; two FSDP ranks load it exactly
+    single = tmp_path / "single"
+    run(TRAIN, w, str(single), "--loss", "cpt", "--batch-size", "4", "--steps", "4", "--ckpt-every", "4", procs=1)
+    one_to_two = tmp_path / "one_to_two"
+    shutil.copytree(single / "checkpoints", one_to_two / "checkpoints")
+    out = run(TRAIN, w, str(one_to_two), "--parallel", "fsdp", "--loss", "cpt", "--steps", "6", "--dump-at", "4")
+    assert "RESULT steps=6 resumed_from=4" in out
+    got = load_file(str(one_to_two / "dump-4" / "model.safetensors"))
+    want = load_file(str(single / "model" / "model.safetensors"))  # tied lm_head.weight stored once
+    assert_same({k: got[k] for k in want}, want)
