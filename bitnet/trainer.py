@@ -305,11 +305,12 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
-    def _train_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]]]:
+    def _train_state(self, drop_tied: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]]]:
         """(model tensors by name, optimizer tensors as ``optim.{name}.{key}``, param groups by name)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        model_sd = get_model_state_dict(self.model)
+        aliases = _tied_aliases(self.model) if drop_tied else set()
+        model_sd = {k: v for k, v in get_model_state_dict(self.model).items() if k not in aliases}
         osd = get_optimizer_state_dict(self.model, self.optimizer)
         optim: dict[str, torch.Tensor] = {}
         for name, pstate in osd["state"].items():
@@ -452,7 +453,7 @@ class Trainer:
             meta, reason = self._verify(path)
             if meta is None:
                 raise CheckpointError(f"{path}: {reason}")
-        model_sd, optim, groups = self._train_state()
+        model_sd, optim, groups = self._train_state(drop_tied=False)
         try:
             stored = HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata
         except Exception as e:  # noqa: BLE001 - any unreadable header is a corrupt checkpoint
@@ -703,6 +704,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """Names that share a parameter with an earlier name (sorted); one name of each tied group is stored, the same
+    one safetensors' ``save_model`` keeps (``lm_head.weight`` rather than ``model.embed_tokens.weight``)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n for names in groups.values() for n in sorted(names)[1:]}
 
 
 def _drop_missing_tied(model: nn.Module, sd: dict[str, torch.Tensor], stored: Mapping[str, tuple]) -> dict[str, Any]:

@@ -3,6 +3,7 @@ DCP checkpoints with exact resume after SIGKILL and resharding 2 -> 1 and 1 -> 2
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -94,18 +95,27 @@ def test_activation_checkpointing_keeps_loss_and_gradients() -> None:
     assert_same(results[0][1], results[1][1])
 
 
-def test_fsdp_sharded_bitlinear_teacher_offload_match_unsharded() -> None:
-    out = run(SCRIPTS / "fsdp_checks.py")
-    assert "CHECKS OK" in out
+COMMON = ["--steps", "8", "--ckpt-every", "2", "--dropout", "0.1", "--dump-at", "4"]
 
 
-def test_fsdp_training_resume_and_reshard(small_world, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def fsdp_straight(small_world, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One uninterrupted 2-rank FSDP run (KD loss, sharded teacher, dropout so RNG state matters; checkpoints at 2, 4,
+    6, 8), started with --checks so that the same start-up also runs tests/scripts/fsdp_checks.py."""
+    out_dir = tmp_path_factory.mktemp("fsdp") / "straight"
+    out = run(TRAIN, str(small_world.root), str(out_dir), "--parallel", "fsdp", "--checks", *COMMON)
+    return out_dir, out
+
+
+def test_fsdp_sharded_bitlinear_teacher_offload_match_unsharded(fsdp_straight) -> None:
+    """Sharded student (BitLinear ternary forward, with and without activation checkpointing), sharded teacher and
+    CPU offload are bit-identical to their unsharded counterparts (see tests/scripts/fsdp_checks.py)."""
+    assert "CHECKS OK" in fsdp_straight[1]
+
+
+def test_fsdp_training_resume_and_reshard(small_world, fsdp_straight, tmp_path: Path) -> None:
     w = str(small_world.root)
-    common = ["--steps", "8", "--ckpt-every", "2", "--dropout", "0.1", "--dump-at", "4"]
-
-    # uninterrupted FSDP run: KD loss, sharded teacher, dropout (so RNG state matters), checkpoints at 2, 4, 6, 8
-    straight = tmp_path / "straight"
-    out = run(TRAIN, w, str(straight), "--parallel", "fsdp", *common)
+    straight, out = fsdp_straight
     assert "RESULT steps=8 resumed_from=None" in out
     ckpt4 = straight / "checkpoints" / "step-00000004"
     shards = sorted(p.name for p in ckpt4.iterdir())
@@ -113,50 +123,52 @@ def test_fsdp_training_resume_and_reshard(small_world, tmp_path: Path) -> None:
                       "shard-00002-model-00001-of-00001.safetensors", "trainer.json"], shards
 
     # the same run killed with SIGKILL after its step-4 checkpoint, restarted: bit-identical final weights
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(TRAIN, w, str(killed), "--parallel", "fsdp", *common, "--sleep", "0.5", procs=2),
-                            env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    killed, pids = tmp_path / "killed", tmp_path / "pids"
+    proc = subprocess.Popen(command(TRAIN, w, str(killed), "--parallel", "fsdp", *COMMON, "--sleep", "0.5",
+                                    "--pid-dir", str(pids), procs=2),
+                            env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     try:
         while not (killed / "checkpoints" / "step-00000004").exists():
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.time() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
+        for rank_pid in sorted(pids.glob("rank*.pid")):  # the workers (torchrun starts them in their own session)
+            os.kill(int(rank_pid.read_text()), signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
         proc.stdout.close()
         proc.stderr.close()
+    assert len(list(pids.glob("rank*.pid"))) == 2
     assert not (killed / "model").exists()
     latest = max(int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("step-*"))
     assert 4 <= latest < 8
     (killed / "checkpoints" / ".step-00000099.tmp").mkdir()  # what a kill during a save leaves behind
-    out = run(TRAIN, w, str(killed), "--parallel", "fsdp", *common)
+    out = run(TRAIN, w, str(killed), "--parallel", "fsdp", *COMMON)
     assert f"resumed_from={latest}" in out
     assert not (killed / "checkpoints" / ".step-00000099.tmp").exists()
     assert_same(load_file(str(straight / "model" / "model.safetensors")),
                 load_file(str(killed / "model" / "model.safetensors")))
-    assert (killed / "metrics.jsonl").read_text() .count("\n") == 8
+    logs = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (killed, straight)]
+    assert logs[0] == logs[1] and len(logs[0]) == 8  # the resumed run's log is the uninterrupted run's log
 
     # reshard 2 -> 1: one process loads the 2-rank checkpoint of step 4; at step 4 (before training on) its full
     # model and optimizer state are exactly those the 2-rank run had at step 4; then it trains on to step 6
     two_to_one = tmp_path / "two_to_one"
     shutil.copytree(ckpt4, two_to_one / "checkpoints" / ckpt4.name)
-    out = run(TRAIN, w, str(two_to_one), "--parallel", "ddp", "--batch-size", "4", "--steps", "6",
-              "--dump-at", "4", procs=1)
+    out = run(TRAIN, w, str(two_to_one), "--batch-size", "4", "--steps", "6", "--ckpt-every", "2", "--dump-at", "4",
+              procs=1)
     assert "RESULT steps=6 resumed_from=4" in out
     for part in ("model", "optimizer"):
         assert_same(load_file(str(straight / "dump-4" / f"{part}.safetensors")),
                     load_file(str(two_to_one / "dump-4" / f"{part}.safetensors")))
 
-    # reshard 1 -> 2: a one-process run (CPT loss, λ warm-up) checkpoints step 4; two FSDP ranks load it exactly
-    single = tmp_path / "single"
-    run(TRAIN, w, str(single), "--loss", "cpt", "--batch-size", "4", "--steps", "4", "--ckpt-every", "4", procs=1)
+    # reshard 1 -> 2: two FSDP ranks (CPT loss, λ warm-up) load that one-process checkpoint of step 6 exactly
     one_to_two = tmp_path / "one_to_two"
-    shutil.copytree(single / "checkpoints", one_to_two / "checkpoints")
-    out = run(TRAIN, w, str(one_to_two), "--parallel", "fsdp", "--loss", "cpt", "--steps", "6", "--dump-at", "4")
-    assert "RESULT steps=6 resumed_from=4" in out
-    got = load_file(str(one_to_two / "dump-4" / "model.safetensors"))
-    want = load_file(str(single / "model" / "model.safetensors"))  # tied lm_head.weight stored once
+    shutil.copytree(two_to_one / "checkpoints", one_to_two / "checkpoints")
+    out = run(TRAIN, w, str(one_to_two), "--parallel", "fsdp", "--loss", "cpt", "--steps", "7", "--dump-at", "6")
+    assert "RESULT steps=7 resumed_from=6" in out
+    got = load_file(str(one_to_two / "dump-6" / "model.safetensors"))
+    want = load_file(str(two_to_one / "model" / "model.safetensors"))  # tied lm_head.weight stored once
     assert_same({k: got[k] for k in want}, want)

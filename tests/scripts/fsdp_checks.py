@@ -8,7 +8,7 @@
 
 Every rank feeds the same batch, so FSDP's gradient average over 2 ranks is (g + g) / 2 = g exactly (a power-of-two
 world size makes the scaling exact), and the all-gather of fp32 shards is a copy: equality is exact, not approximate.
-Prints "CHECKS OK" on rank 0.
+Prints "CHECKS OK" on rank 0. ``train_student.py --checks`` runs them too (one start-up for both).
 """
 
 from __future__ import annotations
@@ -50,9 +50,7 @@ def check_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: st
         assert torch.equal(a[k], b[k]), f"{what}: {k} differs by {float((a[k] - b[k]).abs().max())}"
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    rank, world_size, device = init_distributed()
+def run_checks(rank: int, world_size: int, device: torch.device) -> None:
     assert world_size == 2
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(5))
 
@@ -105,6 +103,11 @@ def main() -> None:
         check_equal(finals[0], finals[1], "cpu offload")
         print("CHECKS OK", flush=True)
     dist.barrier()
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    run_checks(*init_distributed())
     dist.destroy_process_group()
 
 

@@ -1,7 +1,7 @@
 """Train a tiny converted BitNet student with the project's Trainer, DDP or FSDP (used by tests/test_fsdp.py).
 
 Usage: python tests/scripts/train_student.py WORLD OUT --steps N [--parallel ddp|fsdp] [--loss cpt|kd]
-       [--ckpt-every K] [--batch-size B] [--sleep S] [--dropout P] [--dump-at STEP]
+       [--ckpt-every K] [--batch-size B] [--sleep S] [--dropout P] [--dump-at STEP] [--pid-dir DIR]
 
 The student is the tiny Llama teacher (seeded) converted with convert_to_bitnet (BitLinear + SubLN). ``cpt``:
 cross-entropy with the λ warm-up callback; ``kd``: cross-entropy + τ²·KL to the frozen teacher, placed with
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -64,10 +66,20 @@ def main() -> None:
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--dump-at", type=int, default=-1)
+    ap.add_argument("--checks", action="store_true", help="first run tests/scripts/fsdp_checks.py's checks")
+    ap.add_argument("--pid-dir", default=None, help="write PID_DIR/rankR.pid (so a test can SIGKILL every rank)")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
     rank, world_size, device = init_distributed()
+    if args.pid_dir:
+        Path(args.pid_dir).mkdir(parents=True, exist_ok=True)
+        Path(args.pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
+    if args.checks:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from fsdp_checks import run_checks
+
+        run_checks(rank, world_size, device)
     world = open_world(args.world)
     tok = world.tokenizer()
     student, teacher = tiny_pair(len(tok), tok.eos_token_id, args.dropout)
@@ -98,7 +110,7 @@ def main() -> None:
             if rank == 0:
                 dump = Path(args.out) / f"dump-{step}"
                 dump.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in weights.items()}, str(dump / "model.safetensors"))
+                save_file({k: v.clone() for k, v in weights.items()}, str(dump / "model.safetensors"))
                 save_file({k: v.contiguous() for k, v in optim.items()}, str(dump / "optimizer.safetensors"))
         if args.sleep:
             time.sleep(args.sleep)
