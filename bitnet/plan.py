@@ -11,7 +11,7 @@ each parallel layout and recommends a layout and micro-batch:
 - **teacher**: bf16 (2 B/param), frozen: replicated, or sharded like the student when it takes more than a quarter
   of the GPU (the :func:`bitnet.parallel.place_teacher` rule).
 - **activations**: *measured*, not guessed: the student (converted to BitLinear + SubLN, bf16) runs a forward with
-  labels on the ``meta`` device at the real shape with one and two decoder blocks, and every tensor autograd saves
+  labels on fake tensors (``FakeTensorMode``: shapes, no memory) at the real shape with one and two decoder blocks, and every tensor autograd saves
   for backward is counted (``torch.autograd.graph.saved_tensors_hooks``); the difference is one block. The
   distillation terms (teacher logits, KL over the vocabulary) are measured the same way. Activation checkpointing
   keeps each block's input and recomputes one block at a time.
@@ -111,7 +111,9 @@ class Shape:
     hidden: int
     vocab: int
     act_block: float  # bytes saved for backward per token by one block (bf16)
+    act_block_fixed: float  # bytes one block saves whatever the tokens: BitLinear's quantized weights
     act_head: float  # bytes saved per token outside the blocks (embedding, final norm, logits, CE)
+    act_head_fixed: float
     act_kd: float  # bytes per token of distillation: teacher logits + KL saved tensors
 
 
@@ -216,7 +218,10 @@ def _build(config, layers: int) -> nn.Module:
 
     from bitnet.convert import convert_to_bitnet
 
-    cfg = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": layers})
+    spec = {**config.to_dict(), "num_hidden_layers": layers}
+    if spec.get("layer_types"):
+        spec["layer_types"] = spec["layer_types"][:layers]
+    cfg = config.__class__.from_dict(spec)
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -241,21 +246,29 @@ class _SavedBytes:
 
 
 def _measure(config, layers: int, seq: int, distill: bool) -> tuple[int, int]:
-    """(bytes saved by the student forward + CE, extra bytes of the KD terms) for batch 1 at ``seq`` tokens."""
+    """(bytes saved by the student forward + CE, extra bytes of the KD terms) for batch 1 at ``seq`` tokens.
+
+    The model is built on ``meta`` and its tensors turned into fake CPU tensors (shapes and dtypes, no memory), so
+    the real code path runs (BitLinear kernel, SDPA attention, the loss) at the real shape in a second or two.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from bitnet.objectives import logits_kd_loss
 
     model = _build(config, layers)
-    ids = torch.zeros(1, seq, dtype=torch.long, device="meta")
-    counter = _SavedBytes({p.untyped_storage()._cdata for p in model.parameters()})
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-        out = model(input_ids=ids, labels=ids)
-    base = counter.bytes
-    kd = 0
-    if distill:
-        teacher_logits = torch.empty_like(out.logits)  # bf16 teacher output, alive during the step
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        ids = torch.zeros(1, seq, dtype=torch.long)
+        counter = _SavedBytes({p.untyped_storage()._cdata for p in model.parameters()})
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-            logits_kd_loss(out.logits, teacher_logits, 5.0)
-        kd = counter.bytes - base + teacher_logits.numel() * teacher_logits.element_size()
+            out = model(input_ids=ids, labels=ids)
+        base = counter.bytes
+        kd = 0
+        if distill:
+            teacher_logits = torch.empty_like(out.logits)  # bf16 teacher output, alive during the step
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+                logits_kd_loss(out.logits, teacher_logits, 5.0)
+            kd = counter.bytes - base + teacher_logits.numel() * teacher_logits.element_size()
     return base, kd
 
 
@@ -264,26 +277,36 @@ def _shape_cached(key: str, seq: int, distill: bool, config_json: str) -> Shape:
     import json
 
     config = model_config(json.loads(config_json))
+    # saved bytes = fixed + per_token * tokens, per block and outside the blocks: measured with 1 and 2 blocks at
+    # seq and 2 * seq tokens (BitLinear saves its quantized weight, a per-block cost independent of the tokens)
     one, kd = _measure(config, 1, seq, distill)
     two, _ = _measure(config, 2, seq, False)
+    one_long, _ = _measure(config, 1, 2 * seq, False)
+    two_long, _ = _measure(config, 2, 2 * seq, False)
+    block, block_long = two - one, two_long - one_long
+    head, head_long = one - block, one_long - block_long
+    per_block = (block_long - block) / seq
+    per_head = (head_long - head) / seq
     full = _build(config, 1)
-    block = sum(p.numel() for p in full.model.layers[0].parameters())
+    block_params = sum(p.numel() for p in full.model.layers[0].parameters())
     total_one = sum(p.numel() for p in full.parameters())
     layers = int(config.num_hidden_layers)
-    params = total_one + (layers - 1) * block
-    teacher_block = block - sum(p.numel() for n, p in full.model.layers[0].named_parameters() if "sub_norm" in n)
-    per_block = (two - one) / seq
+    params = total_one + (layers - 1) * block_params
+    teacher_block = block_params - sum(
+        p.numel() for n, p in full.model.layers[0].named_parameters() if "sub_norm" in n)
     return Shape(
         name=key,
         params=params,
-        teacher_params=params - layers * (block - teacher_block),
-        block_params=block,
-        root_params=total_one - block,
+        teacher_params=params - layers * (block_params - teacher_block),
+        block_params=block_params,
+        root_params=total_one - block_params,
         layers=layers,
         hidden=int(config.hidden_size),
         vocab=int(config.vocab_size),
         act_block=per_block,
-        act_head=(one - (two - one)) / seq,
+        act_block_fixed=block - per_block * seq,
+        act_head=per_head,
+        act_head_fixed=head - per_head * seq,
         act_kd=kd / seq,
     )
 
@@ -322,10 +345,12 @@ def estimate(shape: Shape, layout: Layout, *, gpus: int, micro_batch: int, seq_l
         else:
             teacher = t / gpus + 2.0 * (shape.root_params + 2 * shape.block_params)
     if layout.activation_checkpointing:
-        act_layers = shape.layers * tokens * shape.hidden * 2.0 + shape.act_block * tokens  # block inputs + 1 block
+        one_block = shape.act_block_fixed + shape.act_block * tokens
+        act_layers = shape.layers * tokens * shape.hidden * 2.0 + one_block  # block inputs + 1 block recomputed
     else:
-        act_layers = shape.layers * shape.act_block * tokens
-    activations = act_layers + shape.act_head * tokens + (shape.act_kd * tokens if distill else 0.0)
+        act_layers = shape.layers * (shape.act_block_fixed + shape.act_block * tokens)
+    activations = act_layers + shape.act_head_fixed + shape.act_head * tokens
+    activations += shape.act_kd * tokens if distill else 0.0
     activations += tokens * shape.vocab * 4.0  # the fp32 gradient of the logits in backward
     dynamic = params + grads + optim + teacher + activations
     overhead = OVERHEAD_BYTES + (SLACK - 1.0) * dynamic
@@ -385,42 +410,29 @@ def plan_for(
 
 def _what_fits(shape: Shape, accel: str, per_node: int, nodes: int, seq_len: int, distill: bool,
                capacity: float) -> str:
-    last = LAYOUTS[-1]
-    need = estimate(shape, last, gpus=per_node * nodes, micro_batch=1, seq_len=seq_len, distill=distill,
-                    capacity=capacity).total
+    """One line: what the request needs at its leanest layout, and what would fit instead."""
+    gpus = per_node * nodes
+
+    def total(*, n: int = gpus, seq: int = seq_len, cap: float = capacity, kd: bool = distill) -> float:
+        lean = LAYOUTS[-1] if n > 1 else LAYOUTS[1]  # FSDP + AC + offload; one GPU: DDP + AC
+        return estimate(shape, lean, gpus=n, micro_batch=1, seq_len=seq, distill=kd, capacity=cap).total
+
+    lean = "FSDP + activation checkpointing + CPU offload" if gpus > 1 else "activation checkpointing"
     msg = (f"{shape.name} does not fit on {nodes}x{accel}:{per_node} ({capacity / GiB:.0f} GiB per GPU) even with "
-           f"FSDP + activation checkpointing + CPU offload at micro-batch 1, seq {seq_len}: needs {need / GiB:.1f} GiB")
+           f"{lean} at micro-batch 1, seq {seq_len}: needs {total() / GiB:.1f} GiB per GPU")
     options = []
-    for n in range(per_node * nodes + 1, 4097):
-        if estimate(shape, last, gpus=n, micro_batch=1, seq_len=seq_len, distill=distill,
-                    capacity=capacity).total <= capacity:
-            options.append(f"{n} GPUs of this kind")
+    # per-token activation bytes are measured at seq_len; SDPA attention keeps them linear in the length
+    for seq in [seq_len] + [seq_len // 2**k for k in range(1, 8) if seq_len // 2**k >= 64]:
+        more = next((n for n in range(gpus, 1025) if total(n=n, seq=seq) <= capacity), None)
+        if more is not None:
+            options.append(f"{more}x{accel} at seq_len {seq}")
             break
-    seq = seq_len // 2
-    while seq >= 16:
-        s = measure_shape_seq(shape, seq)
-        if estimate(s, last, gpus=per_node * nodes, micro_batch=1, seq_len=seq, distill=distill,
-                    capacity=capacity).total <= capacity:
-            options.append(f"seq_len {seq}")
-            break
-        seq //= 2
-    bigger = [a for a, gib in ACCELERATORS.items() if gib * GiB > capacity and estimate(
-        shape, last, gpus=per_node * nodes, micro_batch=1, seq_len=seq_len, distill=distill,
-        capacity=gib * GiB).total <= gib * GiB]
+    bigger = [a for a, gib in ACCELERATORS.items() if gib * GiB > capacity and total(cap=gib * GiB) <= gib * GiB]
     if bigger:
         options.append(f"{bigger[-1]}:{per_node}")
-    if distill:
-        options.append("a stage without a teacher" if estimate(
-            shape, last, gpus=per_node * nodes, micro_batch=1, seq_len=seq_len, distill=False,
-            capacity=capacity).total <= capacity else "")
-    options = [o for o in options if o]
-    return msg + ("; it fits with " + " or ".join(options) if options else "; nothing this plan knows fits")
-
-
-def measure_shape_seq(shape: Shape, seq_len: int) -> Shape:
-    """The per-token activation figures are measured at one length; attention under SDPA is linear in it, so the
-    same per-token bytes hold at other lengths (a conservative reuse: shorter sequences save no more per token)."""
-    return shape
+    if distill and total(kd=False) <= capacity:
+        options.append("a stage without a teacher")
+    return msg + ("; it would fit on " + " or ".join(options) if options else "; nothing this plan knows fits")
 
 
 def presets_table(rows: list[tuple[str, str, int, int, int]]) -> str:

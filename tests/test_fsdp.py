@@ -172,3 +172,52 @@ def test_fsdp_training_resume_and_reshard(small_world, fsdp_straight, tmp_path: 
     got = load_file(str(one_to_two / "dump-6" / "model.safetensors"))
     want = load_file(str(two_to_one / "model" / "model.safetensors"))  # tied lm_head.weight stored once
     assert_same({k: got[k] for k in want}, want)
+
+
+# ------------------------------------------------------------------------------------------------ the memory plan
+def test_plan_counts_parameters_of_real_shapes_without_weights() -> None:
+    """The teacher counts are the published parameter counts of these models (config alone, no weights); the student
+    adds one SubLN vector per o_proj and down_proj input."""
+    from bitnet.plan import measure_shape
+
+    published = {"qwen2.5-0.5b": 494_032_768, "qwen3-4b": 4_022_468_096, "llama-3.1-8b": 8_030_261_248}
+    for name, count in published.items():
+        shape = measure_shape(name, seq_len=128)
+        assert shape.teacher_params == count, name
+        assert shape.params - shape.teacher_params == shape.layers * (shape.hidden + {
+            "qwen2.5-0.5b": 4864, "qwen3-4b": 9728, "llama-3.1-8b": 14336}[name] + (  # down_proj input = FFN width
+            4096 - 2560 if name == "qwen3-4b" else 0))  # Qwen3-4B's o_proj input is 32 heads x 128 = 4096 wide
+        assert shape.act_block > 0 and shape.act_head > 0 and shape.act_kd > 0
+
+
+def test_plan_activation_bytes_scale_with_tokens() -> None:
+    """Saved-for-backward bytes = fixed + per-token x tokens, the same split measured at two lengths (SDPA keeps no
+    seq x seq matrix). The fixed part of a block is BitLinear's quantized weights, saved in bf16: 2 bytes per
+    weight of the block (the block's other parameters are two norm vectors, which weight_quant does not touch)."""
+    from bitnet.plan import measure_shape
+
+    a, b = measure_shape("qwen2.5-0.5b", seq_len=64), measure_shape("qwen2.5-0.5b", seq_len=256)
+    assert (a.act_block, a.act_block_fixed, a.act_head) == (b.act_block, b.act_block_fixed, b.act_head)
+    norms = 2 * a.hidden  # input_layernorm + post_attention_layernorm of the block
+    subln = a.hidden + 4864  # SubLN vectors on the o_proj and down_proj inputs
+    linear = a.block_params - norms - subln
+    # plus at most an fp32 copy of each norm vector (SubLN multiplies by weight.float(), which autograd keeps)
+    assert 2 * linear <= a.act_block_fixed <= 2 * linear + 4 * (norms + subln)
+
+
+def test_plan_recommends_layouts_and_says_what_would_fit() -> None:
+    from bitnet.plan import PlanError, plan_for
+
+    small = plan_for("qwen2.5-0.5b", accelerators="H100:1", micro_batch=2, seq_len=512)
+    assert small.recommended.layout.parallel == "ddp" and small.recommended.micro_batch == 2
+    assert [e.layout.parallel for e in small.estimates] == ["ddp", "ddp"]  # one GPU: no FSDP rows
+    big = plan_for("llama-3.1-8b", accelerators="H100:8", nodes=2, micro_batch=1, seq_len=512)
+    assert big.recommended.layout.parallel == "fsdp"
+    ddp = next(e for e in big.estimates if e.layout.label == "ddp")
+    assert ddp.params + ddp.grads + ddp.optimizer == 16 * big.shape.params  # fp32 weights + grads + AdamW moments
+    assert "| fsdp+AC |" in big.table() and "recommended: parallel=fsdp" in big.table()
+    with pytest.raises(PlanError, match=r"does not fit on 1xT4:1 .* needs [\d.]+ GiB per GPU; it would fit on") as e:
+        plan_for("llama-3.1-8b", accelerators="T4:1", seq_len=512)
+    assert "\n" not in str(e.value)
+    with pytest.raises(PlanError, match="unknown accelerator 'B999'"):
+        plan_for("qwen2.5-0.5b", accelerators="B999:8")
