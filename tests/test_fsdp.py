@@ -20,6 +20,7 @@ from bitnet.convert import BitNetConfig, convert_to_bitnet
 from bitnet.data import BlockLoader
 from bitnet.parallel import ParallelConfigError, apply_activation_checkpointing
 from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
+from bitnet.student import CheckpointError
 from bitnet.trainer import Trainer, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,6 +173,27 @@ def test_fsdp_training_resume_and_reshard(small_world, fsdp_straight, tmp_path: 
     got = load_file(str(one_to_two / "dump-6" / "model.safetensors"))
     want = load_file(str(two_to_one / "model" / "model.safetensors"))  # tied lm_head.weight stored once
     assert_same({k: got[k] for k in want}, want)
+
+
+def test_sharded_checkpoint_of_another_model_is_refused_before_training(small_world, fsdp_straight,
+                                                                        tmp_path: Path) -> None:
+    """A 2-rank FSDP checkpoint offered to a student of another shape (3 blocks instead of 2) on one process: refused
+    in one line, naming what does not fit (the 11 tensors of block 2: 7 BitLinear weights, 2 SubLN, 2 norms), before
+    any step runs (no new checkpoint, no metrics)."""
+    straight, _ = fsdp_straight
+    shutil.copytree(straight / "checkpoints" / "step-00000004", tmp_path / "checkpoints" / "step-00000004")
+    torch.manual_seed(0)
+    other = convert_to_bitnet(build_tiny_teacher(
+        TinyTeacherConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128),
+        512, bos_token_id=0, eos_token_id=0), BitNetConfig())
+    trainer = Trainer(other, BlockLoader(small_world.dataset("train"), 4), TrainConfig(max_steps=6, progress=False),
+                      tmp_path)
+    with pytest.raises(CheckpointError, match=r"does not fit this model: 11 missing \(e.g. model.layers.2") as e:
+        trainer.fit()
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004"]
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 # ------------------------------------------------------------------------------------------------ the memory plan
