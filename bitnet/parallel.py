@@ -88,7 +88,12 @@ def shard_model(
 
     Mixed precision (bf16 compute, fp32 reduction) only on CUDA: on CPU (gloo, the tests) everything stays fp32.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     require_fsdp_world("fsdp", world_size())
     mesh = _mesh(device)
@@ -171,7 +176,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return dict(state) if rank == 0 else {}

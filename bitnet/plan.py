@@ -11,10 +11,11 @@ each parallel layout and recommends a layout and micro-batch:
 - **teacher**: bf16 (2 B/param), frozen: replicated, or sharded like the student when it takes more than a quarter
   of the GPU (the :func:`bitnet.parallel.place_teacher` rule).
 - **activations**: *measured*, not guessed: the student (converted to BitLinear + SubLN, bf16) runs a forward with
-  labels on fake tensors (``FakeTensorMode``: shapes, no memory) at the real shape with one and two decoder blocks, and every tensor autograd saves
-  for backward is counted (``torch.autograd.graph.saved_tensors_hooks``); the difference is one block. The
-  distillation terms (teacher logits, KL over the vocabulary) are measured the same way. Activation checkpointing
-  keeps each block's input and recomputes one block at a time.
+  labels on fake tensors (``FakeTensorMode``: shapes, no memory) at the real shape with one and two decoder blocks
+  at two lengths, and every tensor autograd saves for backward is counted
+  (``torch.autograd.graph.saved_tensors_hooks``). That gives a per-token part and a fixed part per block (BitLinear
+  saves its quantized weight). The distillation terms (teacher logits, KL over the vocabulary) are measured the
+  same way. Activation checkpointing keeps each block's input and recomputes one block at a time.
 - **overhead**: 2 GiB for the CUDA context, cuBLAS/NCCL workspaces, and 10 % allocator slack on the rest. These
   two numbers are assumptions: nothing in this plan has been measured on a GPU yet.
 """
@@ -50,23 +51,23 @@ ACCELERATORS: dict[str, float] = {
 
 # Public config.json values of the three shapes the pipeline presets name (no hub access is needed).
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b": dict(
-        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6, tie_word_embeddings=True,
-    ),
-    "qwen3-4b": dict(
-        model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
-        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-    ),
-    "llama-3.1-8b": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500_000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-    ),
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+        "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    },
+    "qwen3-4b": {
+        "model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+        "max_position_embeddings": 40960, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    },
+    "llama-3.1-8b": {
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+        "rope_theta": 500_000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    },
 }
 
 Mode = Literal["ddp", "fsdp"]
@@ -157,8 +158,8 @@ class Plan:
         head = (f"{self.shape.name}: {self.shape.params / 1e9:.2f}B student params, "
                 f"{self.nodes}x{self.accelerator}:{self.gpus_per_node} ({self.capacity / GiB:.0f} GiB each), "
                 f"micro-batch {self.micro_batch} x seq {self.seq_len}{' + teacher (KD)' if self.distill else ''}\n\n")
-        rows = ["| layout | params | grads | optimizer | teacher | activations | overhead | total GiB | fits | max micro-batch |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+        rows = ["| layout | params | grads | optimizer | teacher | activations | overhead | total GiB | fits "
+                "| max micro-batch |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
         for e in self.estimates:
             g = [e.params, e.grads, e.optimizer, e.teacher, e.activations, e.overhead, e.total]
             fits = "yes" if e.total <= self.capacity else "no"
@@ -176,8 +177,10 @@ class Plan:
             cfg += f", cpu_offload=true (host RAM {r.host * self.gpus_per_node / GiB:.0f} GiB per node)"
         note = ""
         if r.micro_batch < self.micro_batch:
-            note = f" (requested {self.micro_batch} does not fit: raise grad_accum x{math.ceil(self.micro_batch / r.micro_batch)})"
-        return f"recommended: {cfg}, micro-batch {r.micro_batch}{note}, {r.total / GiB:.1f} of {self.capacity / GiB:.0f} GiB"
+            factor = math.ceil(self.micro_batch / r.micro_batch)
+            note = f" (requested {self.micro_batch} does not fit: raise grad_accum x{factor})"
+        used = f"{r.total / GiB:.1f} of {self.capacity / GiB:.0f} GiB"
+        return f"recommended: {cfg}, micro-batch {r.micro_batch}{note}, {used}"
 
 
 def parse_accelerators(spec: str) -> tuple[str, int]:

@@ -119,7 +119,7 @@ class TrainConfig(BaseModel):
     progress: bool = True
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.cpu_offload and self.parallel != "fsdp":
             raise ValueError("cpu_offload needs parallel: fsdp")
         return self
@@ -182,7 +182,8 @@ def autocast_context(device: torch.device, precision: str):
 
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -305,9 +306,14 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
-    def _train_state(self, drop_tied: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]]]:
+    def _train_state(
+        self, drop_tied: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]]]:
         """(model tensors by name, optimizer tensors as ``optim.{name}.{key}``, param groups by name)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         aliases = _tied_aliases(self.model) if drop_tied else set()
         model_sd = {k: v for k, v in get_model_state_dict(self.model).items() if k not in aliases}
@@ -456,13 +462,14 @@ class Trainer:
         model_sd, optim, groups = self._train_state(drop_tied=False)
         try:
             stored = HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata
-        except Exception as e:  # noqa: BLE001 - any unreadable header is a corrupt checkpoint
+        except Exception as e:
             raise CheckpointError(f"{path}: unreadable tensor files ({type(e).__name__}: {e})") from e
         stored_shapes = {k: tuple(v.size) for k, v in stored.items() if hasattr(v, "size")}
         model_sd = _drop_missing_tied(self.model, model_sd, stored_shapes)
-        _check_fits(path, model_sd, stored_shapes, lambda k: not k.startswith(OPTIM_PREFIX) and not k.startswith("rank"),
+        _check_fits(path, model_sd, stored_shapes, lambda k: not k.startswith((OPTIM_PREFIX, "rank")),
                     "does not fit this model")
-        _check_fits(path, optim, stored_shapes, lambda k: k.startswith(OPTIM_PREFIX), "optimizer state does not fit this model")
+        _check_fits(path, optim, stored_shapes, lambda k: k.startswith(OPTIM_PREFIX),
+                    "optimizer state does not fit this model")
         target = {**model_sd, **optim}
         with warnings.catch_warnings():  # one process reads the shards itself: what no_dist says, no warning needed
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -497,7 +504,8 @@ class Trainer:
         if seen % per_batch and self.rank == 0:
             log.warning("%s: resharded data position rounded down from %d to %d blocks of the epoch", self.desc, seen,
                         seen // per_batch * per_batch)
-        return {**state, "world_size": own["world_size"], "batch_size": own["batch_size"], "position": seen // per_batch}
+        return {**state, "world_size": own["world_size"], "batch_size": own["batch_size"],
+                "position": seen // per_batch}
 
     def _restore_rng(self, path: Path, meta: dict[str, Any]) -> None:
         saved = meta["rng"]
@@ -646,7 +654,9 @@ class Trainer:
                 with ctx, autocast_context(self.device, cfg.precision):
                     loss, m = self.loss_fn(self.wrapped, batch)
                     if not torch.isfinite(loss):
-                        raise NonFiniteLossError(f"{self.desc}: non-finite loss ({float(loss.detach())}) at step {self.step}")
+                        raise NonFiniteLossError(
+                            f"{self.desc}: non-finite loss ({float(loss.detach())}) at step {self.step}"
+                        )
                     (loss / cfg.grad_accum).backward()
                 step_loss += float(loss.detach()) / cfg.grad_accum
                 step_tokens += int(batch["input_ids"].numel())

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from bitnet.convert import BitNetConfig, convert_to_bitnet
 from bitnet.data import BlockLoader
 from bitnet.parallel import ParallelConfigError, apply_activation_checkpointing
-from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
 from bitnet.student import CheckpointError
-from bitnet.trainer import Trainer, TrainConfig
+from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
+from bitnet.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "scripts"
@@ -43,7 +43,7 @@ def command(script: Path, *args: str, procs: int) -> list[str]:
 
 
 def run(script: Path, *args: str, procs: int = 2, timeout: int = 300) -> str:
-    proc = subprocess.run(command(script, *args, procs=procs), env=env(), capture_output=True, text=True,
+    proc = subprocess.run(command(script, *args, procs=procs), check=False, env=env(), capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
@@ -62,8 +62,8 @@ def tiny_student(dropout: float = 0.0) -> torch.nn.Module:
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
-    for k in a:
-        assert torch.equal(a[k], b[k]), (k, float((a[k].float() - b[k].float()).abs().max()))
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), (k, float((v.float() - b[k].float()).abs().max()))
 
 
 def test_fsdp_with_one_process_is_refused(small_world, tmp_path: Path) -> None:

@@ -20,7 +20,12 @@ import torch.distributed as dist
 
 from bitnet.convert import BitNetConfig, convert_to_bitnet
 from bitnet.layers import BitLinear
-from bitnet.parallel import apply_activation_checkpointing, full_state_dict, place_teacher, shard_model
+from bitnet.parallel import (
+    apply_activation_checkpointing,
+    full_state_dict,
+    place_teacher,
+    shard_model,
+)
 from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
 from bitnet.trainer import init_distributed
 
@@ -46,8 +51,8 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def check_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
     assert a.keys() == b.keys(), (what, sorted(set(a) ^ set(b))[:4])
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{what}: {k} differs by {float((a[k] - b[k]).abs().max())}"
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), f"{what}: {k} differs by {float((v - b[k]).abs().max())}"
 
 
 def run_checks(rank: int, world_size: int, device: torch.device) -> None:

@@ -29,7 +29,7 @@ from bitnet.objectives import logits_kd_loss
 from bitnet.parallel import place_teacher
 from bitnet.student import save_student
 from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
-from bitnet.trainer import Trainer, TrainConfig, causal_lm_loss, init_distributed
+from bitnet.trainer import TrainConfig, Trainer, causal_lm_loss, init_distributed
 from bitnet.world import open_world
 
 
@@ -46,7 +46,10 @@ def tiny_pair(vocab: int, eos: int, dropout: float) -> tuple[torch.nn.Module, to
 
 
 def full_optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
 
     osd = get_optimizer_state_dict(trainer.model, trainer.optimizer,
                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))

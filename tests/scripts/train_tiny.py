@@ -14,7 +14,7 @@ from safetensors.torch import save_model
 
 from bitnet.data import BlockLoader, iter_eval_batches
 from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
-from bitnet.trainer import Trainer, TrainConfig, init_distributed
+from bitnet.trainer import TrainConfig, Trainer, init_distributed
 from bitnet.world import open_world
 
 
