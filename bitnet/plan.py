@@ -158,8 +158,8 @@ class Plan:
         head = (f"{self.shape.name}: {self.shape.params / 1e9:.2f}B student params, "
                 f"{self.nodes}x{self.accelerator}:{self.gpus_per_node} ({self.capacity / GiB:.0f} GiB each), "
                 f"micro-batch {self.micro_batch} x seq {self.seq_len}{' + teacher (KD)' if self.distill else ''}\n\n")
-        rows = ["| layout | params | grads | optimizer | teacher | activations | overhead | total GiB | fits "
-                "| max micro-batch |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+        columns = "layout | params | grads | optimizer | teacher | activations | overhead | total GiB | fits"
+        rows = [f"| {columns} | max micro-batch |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
         for e in self.estimates:
             g = [e.params, e.grads, e.optimizer, e.teacher, e.activations, e.overhead, e.total]
             fits = "yes" if e.total <= self.capacity else "no"
