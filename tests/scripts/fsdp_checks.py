@@ -5,6 +5,7 @@
 2. The same with activation checkpointing on the sharded model.
 3. A sharded teacher gives bit-identical logits to a replicated one, and never has gradients.
 4. CPU offload trains one step to the same weights as the sharded model without offload.
+5. LRC (latent weights frozen, only the adapters U, V trained): two AdamW steps sharded = unsharded.
 
 Every rank feeds the same batch, so FSDP's gradient average over 2 ranks is (g + g) / 2 = g exactly (a power-of-two
 world size makes the scaling exact), and the all-gather of fp32 shards is a copy: equality is exact, not approximate.
@@ -18,7 +19,7 @@ import copy
 import torch
 import torch.distributed as dist
 
-from bitnet.convert import BitNetConfig, convert_to_bitnet
+from bitnet.convert import BitNetConfig, add_lrc, convert_to_bitnet
 from bitnet.layers import BitLinear
 from bitnet.parallel import (
     apply_activation_checkpointing,
@@ -106,6 +107,22 @@ def run_checks(rank: int, world_size: int, device: torch.device) -> None:
         finals.append(full_state_dict(m))
     if rank == 0:
         check_equal(finals[0], finals[1], "cpu offload")
+
+    # 5. LRC: latent weights frozen, only U, V trained; two AdamW steps sharded = unsharded
+    lrc = add_lrc(convert_to_bitnet(build(), BitNetConfig()), 8)
+    for name, p in lrc.named_parameters():
+        p.requires_grad_(name.endswith(("lrc_u", "lrc_v")))
+    ref = copy.deepcopy(lrc)
+    shard_model(lrc, device)
+    pairs = [(m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)) for m in (lrc, ref)]
+    for _ in range(2):
+        for m, opt in pairs:
+            opt.zero_grad()
+            m(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    full = full_state_dict(lrc)
+    if rank == 0:
+        check_equal(full, {k: v for k, v in ref.state_dict().items() if k in full}, "lrc")
         print("CHECKS OK", flush=True)
     dist.barrier()
 
