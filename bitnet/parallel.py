@@ -100,8 +100,8 @@ def shard_model(
     dtype = compute_dtype(device, precision) if device.type == "cuda" else None
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
-    if not cpu_offload:
-        model.to(device)
+    # no model.to(device) first: fully_shard moves each block to the mesh's device as it shards it, so a model that
+    # does not fit one GPU whole is never placed on one (with offload the shards stay in host memory)
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
@@ -160,7 +160,6 @@ def place_teacher(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = _mesh(device)
-    teacher.to(device)
     mp = MixedPrecisionPolicy(param_dtype=dtype) if dtype else MixedPrecisionPolicy()
     for block in decoder_blocks(teacher):
         fully_shard(block, mesh=mesh, mp_policy=mp)

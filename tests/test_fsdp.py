@@ -125,7 +125,7 @@ def test_fsdp_training_resume_and_reshard(small_world, fsdp_straight, tmp_path: 
 
     # the same run killed with SIGKILL after its step-4 checkpoint, restarted: bit-identical final weights
     killed, pids = tmp_path / "killed", tmp_path / "pids"
-    proc = subprocess.Popen(command(TRAIN, w, str(killed), "--parallel", "fsdp", *COMMON, "--sleep", "0.5",
+    proc = subprocess.Popen(command(TRAIN, w, str(killed), "--parallel", "fsdp", *COMMON, "--sleep", "0.3",
                                     "--pid-dir", str(pids), procs=2),
                             env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
