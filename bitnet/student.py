@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
@@ -30,8 +30,18 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, malformed or does not fit the model."""
 
 
-def save_student(model: nn.Module, path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
-    """Write ``model`` (a converted student) to ``path`` atomically."""
+def save_student(
+    model: nn.Module,
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model`` (a converted student) to ``path`` atomically.
+
+    ``state_dict`` replaces the model's own tensors, e.g. the full state gathered on rank 0 from an FSDP-sharded
+    model (``Trainer.full_state_dict()``); of tied names (``lm_head.weight`` = ``embed_tokens.weight``) one is
+    written, as ``save_model`` does.
+    """
     cfg: BitNetConfig | None = getattr(model, "bitnet_config", None)
     if cfg is None:
         raise ValueError("save_student needs a model converted with convert_to_bitnet")
@@ -39,10 +49,23 @@ def save_student(model: nn.Module, path: str | Path, tokenizer: PreTrainedTokeni
     with atomic_dir(path, marker=BITNET_CONFIG) as tmp:
         model.config.save_pretrained(tmp)
         write_json_atomic(tmp / BITNET_CONFIG, cfg.model_dump())
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "bitdistill": "student"})
+        meta = {"format": "pt", "bitdistill": "student"}
+        if state_dict is None:
+            save_model(model, str(tmp / WEIGHTS), metadata=meta)
+        else:
+            save_file(_untied(model, state_dict), str(tmp / WEIGHTS), metadata=meta)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return path
+
+
+def _untied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as contiguous CPU tensors, keeping the first name of each group of tied parameters."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    drop = {n for names in groups.values() for n in sorted(names)[1:]}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in drop}
 
 
 def read_bitnet_config(path: str | Path) -> BitNetConfig:

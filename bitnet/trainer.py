@@ -1,10 +1,25 @@
 """The one training loop every stage uses.
 
-AdamW, linear warm-up + cosine decay, gradient accumulation, gradient clipping, a non-finite guard,
-bf16 autocast where the device has it, tqdm progress (loss, tokens/s), periodic validation, DDP when
-started under ``torchrun``, and checkpoints every N steps (model, optimizer, scheduler, RNG, data
-position; safetensors + JSON) with exact resume: a run killed at any point and restarted reaches the
-same weights as an uninterrupted run.
+AdamW, linear warm-up (clamped to the step budget) + cosine decay, gradient accumulation, gradient clipping, a
+non-finite guard, bf16 autocast where the device has it, tqdm progress (loss, tokens/s), periodic validation,
+and, when started under ``torchrun``, DDP (``parallel: ddp``) or FSDP2 (``parallel: fsdp``, parameters, gradients
+and optimizer states sharded per decoder block; see :mod:`bitnet.parallel`), with optional activation
+checkpointing per decoder block.
+
+Checkpoints every N steps hold model, optimizer, scheduler, RNG and data position, in safetensors + JSON, and
+resume exactly: a run killed at any point and restarted reaches the same weights as an uninterrupted run.
+
+- ``ddp``: the state is replicated, so rank 0 writes it whole (``model.safetensors``, ``optimizer.safetensors``).
+- ``fsdp``: every rank writes its own shards through ``torch.distributed.checkpoint`` (safetensors files with the
+  shard offsets in their header; no pickle).
+
+Both layouts are read through ``torch.distributed.checkpoint``, keyed by parameter names. A checkpoint of either
+mode therefore loads in either mode at any number of processes (resharding).
+
+Each checkpoint is a directory ``step-NNNNNNNN`` that appears only once complete; ``trainer.json`` records the
+sha256 of every file, the identity of the run that wrote it, and its own digest. On resume the newest intact
+checkpoint is used and the others are skipped with a warning. A checkpoint of another run (identity) or another
+model (names, shapes) is refused before any training.
 
 A stage supplies the model, a loss function ``loss_fn(model, batch) -> (loss, metrics)`` and the data;
 callbacks run before every optimizer step (e.g. the λ warm-up schedule of continued pre-training).
@@ -13,13 +28,15 @@ callbacks run before every optimizer step (e.g. the λ warm-up schedule of conti
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +51,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from bitnet.io import atomic_dir, write_json_atomic
-from bitnet.student import CheckpointError, load_state_dict_checked
+from bitnet.io import sha256_file, sha256_json
+from bitnet.parallel import (
+    ParallelConfigError,
+    apply_activation_checkpointing,
+    full_state_dict,
+    require_fsdp_world,
+    shard_model,
+)
+from bitnet.student import CheckpointError
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -43,10 +67,16 @@ Callback = Callable[[int, nn.Module], dict[str, float] | None]
 
 CKPT_DIR = "checkpoints"
 CKPT_RE = re.compile(r"^step-(\d{8})$")
+STALE_RE = re.compile(r"^\.step-\d{8}\.(tmp|old)")  # temporary directories a killed save may leave behind
+CKPT_FORMAT = 2  # 2: parameter-name keyed, per-file sha256, identity; 1 (before): optimizer keyed by index
+TRAINER_STATE = "trainer.json"
+OPTIM_PREFIX = "optim."
+
+log = logging.getLogger("bitnet.trainer")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or inf loss or gradient."""
+    """Training produced a NaN or inf loss or gradient, or would start from non-finite weights."""
 
 
 class ResumableLoader(Protocol):
@@ -64,12 +94,22 @@ class TrainConfig(BaseModel):
     max_steps: int = Field(gt=0, description="optimizer steps")
     lr: float = Field(default=3e-4, gt=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="final lr of the cosine, as a fraction of lr")
-    warmup_steps: int = Field(default=0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up; clamped to max_steps")
     weight_decay: float = Field(default=0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_accum: int = Field(default=1, ge=1)
     clip_grad: float | None = Field(default=1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="ddp: the model replicated on every process; fsdp: FSDP2, parameters, gradients and optimizer "
+        "states sharded per decoder block (needs >= 2 processes)",
+    )
+    cpu_offload: bool = Field(default=False, description="fsdp only: keep parameters, gradients and optimizer on CPU")
+    activation_checkpointing: bool = Field(default=False, description="recompute each decoder block in backward")
+    teacher_placement: Literal["auto", "replicate", "shard"] = Field(
+        default="auto", description="the frozen teacher of a distillation stage: replicated, sharded, or by size"
+    )
     eval_every: int = Field(default=0, ge=0, description="validate every N steps; 0 = only at the end")
     eval_batches: int = Field(default=8, ge=1)
     ckpt_every: int = Field(default=0, ge=0, description="checkpoint every N steps; 0 = never")
@@ -80,9 +120,19 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        if self.cpu_offload and self.parallel != "fsdp":
+            raise ValueError("cpu_offload needs parallel: fsdp")
         return self
+
+    @property
+    def effective_warmup(self) -> int:
+        """``warmup_steps`` clamped to the step budget (a 2-step run with a 15-step default warm-up is valid)."""
+        return min(self.warmup_steps, self.max_steps)
+
+
+def validate_parallel(cfg: TrainConfig, n_processes: int) -> None:
+    """One-line refusal of a layout that cannot run, before any work (FSDP with one process)."""
+    require_fsdp_world(cfg.parallel, n_processes)
 
 
 @dataclass
@@ -94,6 +144,7 @@ class TrainResult:
     resumed_from: int | None
     wall_s: float
     history: list[dict[str, float]] = field(default_factory=list)
+    skipped_checkpoints: list[str] = field(default_factory=list)
 
     @property
     def val_ppl(self) -> float | None:
@@ -107,11 +158,13 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[s
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    warmup = cfg.effective_warmup
+
     def fn(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        span = max(1, cfg.max_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, cfg.max_steps - warmup)
+        progress = min(1.0, (step - warmup) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
@@ -129,24 +182,30 @@ def autocast_context(device: torch.device, precision: str):
 
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); returns (rank, world, device)."""
-    rank, world, local_rank = distributed_env()
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); returns (rank, world_size, device)."""
+    rank, world_size, local_rank = distributed_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    return rank, world_size, device
 
 
 class Trainer:
-    """Runs ``cfg.max_steps`` optimizer steps of ``loss_fn`` over ``train_loader``."""
+    """Runs ``cfg.max_steps`` optimizer steps of ``loss_fn`` over ``train_loader``.
+
+    ``identity`` (e.g. ``{"student": digest, "config": digest}``) is written into every checkpoint; a resume from
+    checkpoints of another identity is refused. Under ``parallel: fsdp`` the model is sharded in place: after
+    :meth:`fit`, :meth:`full_state_dict` (called on every rank) gives rank 0 the whole state for saving.
+    """
 
     def __init__(
         self,
@@ -161,6 +220,7 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         device: torch.device | None = None,
         desc: str = "train",
+        identity: Mapping[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
@@ -170,14 +230,20 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.loader = train_loader
         self.desc = desc
-        self.rank, self.world, default_device = (
-            (dist.get_rank(), dist.get_world_size(), None) if dist.is_initialized() else (0, 1, None)
-        )
-        self.device = device or default_device or next(model.parameters()).device
-        self.model = model.to(self.device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        self.identity = dict(identity) if identity is not None else None
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        validate_parallel(cfg, self.world_size)
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model has no trainable parameters")
+        self.device = device or next(model.parameters()).device
+        self.fsdp = cfg.parallel == "fsdp"
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if self.fsdp:
+            self.model = shard_model(model, self.device, precision=cfg.precision, cpu_offload=cfg.cpu_offload)
+        else:
+            self.model = model.to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -188,12 +254,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.wrapped: nn.Module = (
             DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.world > 1
-            else model
+            if self.world_size > 1 and not self.fsdp
+            else self.model
         )
         self.step = 0
         self.tokens = 0
+        self.last_loss = float("nan")
         self.history: list[dict[str, float]] = []
+        self.skipped: list[str] = []
 
     # ----------------------------------------------------------------------------------------- checkpoints
     @property
@@ -206,6 +274,17 @@ class Trainer:
         found = [(int(m.group(1)), p) for p in self.ckpt_root.iterdir() if (m := CKPT_RE.match(p.name))]
         return sorted(found)
 
+    def sweep_stale(self) -> list[str]:
+        """Remove temporary checkpoint directories a killed run left (rank 0; returns their names)."""
+        if self.rank != 0 or not self.ckpt_root.is_dir():
+            return []
+        stale = sorted(p.name for p in self.ckpt_root.iterdir() if STALE_RE.match(p.name))
+        for name in stale:
+            shutil.rmtree(self.ckpt_root / name, ignore_errors=True)
+        if stale:
+            log.warning("%s: removed %d stale temporary checkpoint dir(s): %s", self.desc, len(stale), ", ".join(stale))
+        return stale
+
     def _rng_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "python": _jsonable(random.getstate()),
@@ -216,70 +295,285 @@ class Trainer:
             state["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return state
 
-    def save_checkpoint(self) -> Path | None:
-        rng = self._rng_state()
-        if self.world > 1:
-            gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, rng)
-        else:
-            gathered = [rng]
-        path = self.ckpt_root / f"step-{self.step:08d}"
-        if self.rank == 0:
-            opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
-            rng_tensors = {f"rank{r}.torch": s["torch"] for r, s in enumerate(gathered)}
-            rng_tensors.update({f"rank{r}.cuda": s["cuda"] for r, s in enumerate(gathered) if s.get("cuda") is not None})
-            with atomic_dir(path, marker="trainer.json") as tmp:
-                save_model(self.model, str(tmp / "model.safetensors"))
-                save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-                save_file(rng_tensors, str(tmp / "rng.safetensors"))
-                write_json_atomic(
-                    tmp / "trainer.json",
-                    {
-                        "step": self.step,
-                        "tokens": self.tokens,
-                        "world_size": self.world,
-                        "optimizer": opt_meta,
-                        "scheduler": self.scheduler.state_dict(),
-                        "loader": self.loader.state_dict(),
-                        "rng": [{"python": s["python"], "numpy": s["numpy"]} for s in gathered],
-                        "history": self.history,
-                        "config": self.cfg.model_dump(mode="json"),
-                    },
-                )
-            for _, old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        if self.world > 1:
-            dist.barrier()
-        return path
+    def _gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
-    def load_checkpoint(self, path: Path) -> None:
-        try:
-            meta = json.loads((path / "trainer.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: unreadable trainer state ({e})") from e
-        if meta.get("world_size", 1) != self.world:
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _train_state(
+        self, drop_tied: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]]]:
+        """(model tensors by name, optimizer tensors as ``optim.{name}.{key}``, param groups by name)."""
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        aliases = _tied_aliases(self.model) if drop_tied else set()
+        model_sd = {k: v for k, v in get_model_state_dict(self.model).items() if k not in aliases}
+        osd = get_optimizer_state_dict(self.model, self.optimizer)
+        optim: dict[str, torch.Tensor] = {}
+        for name, pstate in osd["state"].items():
+            for k, v in pstate.items():
+                if not isinstance(v, torch.Tensor):
+                    raise CheckpointError(f"optimizer state {name}.{k} is not a tensor ({type(v).__name__})")
+                optim[f"{OPTIM_PREFIX}{name}.{k}"] = v
+        return dict(model_sd), optim, list(osd["param_groups"])
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-NNNNNNNN`` (collective under DDP/FSDP); it appears only once complete."""
+        rng = self._gather(self._rng_state())
+        final = self.ckpt_root / f"step-{self.step:08d}"
+        tmp = self.ckpt_root / f".step-{self.step:08d}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        model_sd, optim, groups = self._train_state()
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+            dcp.save({**model_sd, **optim}, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+        elif self.rank == 0:
+            save_model(self.model, str(tmp / "model.safetensors"))
+            save_file({k: v.detach().contiguous().cpu() for k, v in optim.items()}, str(tmp / "optimizer.safetensors"))
+        if self.rank == 0:
+            rng_tensors = {f"rank{r}.torch": s["torch"] for r, s in enumerate(rng)}
+            rng_tensors.update({f"rank{r}.cuda": s["cuda"] for r, s in enumerate(rng) if s.get("cuda") is not None})
+            save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        self._barrier()
+        files = self._hash_files(tmp, sorted(p.name for p in tmp.iterdir()) if self.rank == 0 else None)
+        if self.rank == 0:
+            meta = {
+                "format": CKPT_FORMAT,
+                "step": self.step,
+                "tokens": self.tokens,
+                "last_loss": self.last_loss,
+                "world_size": self.world_size,
+                "parallel": self.cfg.parallel,
+                "identity": self.identity,
+                "files": files,
+                "optimizer": {"param_groups": groups},
+                "scheduler": self.scheduler.state_dict(),
+                "loader": self.loader.state_dict(),
+                "rng": [{"python": s["python"], "numpy": s["numpy"]} for s in rng],
+                "history": self.history,
+                "config": self.cfg.model_dump(mode="json"),
+            }
+            meta["digest"] = sha256_json(meta)
+            _write_json_synced(tmp / TRAINER_STATE, meta)
+            _fsync_dir(tmp)
+            if final.exists():
+                old = self.ckpt_root / f".step-{self.step:08d}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(self.ckpt_root)
+            for _, old_ckpt in self.checkpoints()[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old_ckpt, ignore_errors=True)
+        self._barrier()
+        return final
+
+    def _hash_files(self, directory: Path, names: list[str] | None) -> dict[str, str]:
+        """sha256 of ``names`` (known on rank 0), the work spread over the ranks; every rank gets the result."""
+        if self.world_size > 1:
+            box = [names]
+            dist.broadcast_object_list(box, src=0)
+            names = box[0]
+        assert names is not None
+        mine = {n: sha256_file(directory / n) for n in names[self.rank :: self.world_size]}
+        merged: dict[str, str] = {}
+        for part in self._gather(mine):
+            merged.update(part)
+        return merged
+
+    def _verify(self, path: Path) -> tuple[dict[str, Any] | None, str]:
+        """(trainer state, "") when ``path`` is intact, else (None, reason). Collective."""
+        meta: dict[str, Any] | None = None
+        reason = ""
+        if self.rank == 0:
+            try:
+                meta = json.loads((path / TRAINER_STATE).read_text())
+                if meta.get("format") != CKPT_FORMAT:
+                    reason = f"format {meta.get('format', 1)} of an older trainer, this one reads {CKPT_FORMAT}"
+                elif sha256_json({k: v for k, v in meta.items() if k != "digest"}) != meta.get("digest"):
+                    reason = f"{TRAINER_STATE} does not match its digest"
+                else:
+                    listed, present = set(meta["files"]), {p.name for p in path.iterdir()} - {TRAINER_STATE}
+                    if listed != present:
+                        reason = f"files differ from the recorded list (missing {sorted(listed - present)}, " \
+                                 f"extra {sorted(present - listed)})"
+                    elif not math.isfinite(float(meta.get("last_loss", 0.0))) and meta.get("history"):
+                        reason = f"non-finite loss {meta['last_loss']} recorded"
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                reason = f"unreadable {TRAINER_STATE} ({type(e).__name__}: {e})"
+        if self.world_size > 1:
+            box = [meta, reason]
+            dist.broadcast_object_list(box, src=0)
+            meta, reason = box
+        if reason:
+            return None, reason
+        assert meta is not None
+        names = sorted(meta["files"])
+        actual = self._hash_files(path, names)
+        bad = [n for n in names if actual.get(n) != meta["files"][n]]
+        if bad:
+            return None, f"checksum mismatch in {', '.join(bad)}"
+        return meta, ""
+
+    def _check_identity(self, path: Path, meta: dict[str, Any]) -> None:
+        saved = meta.get("identity")
+        if self.identity is None or saved == self.identity:
+            return
+        if saved is None:
             raise CheckpointError(
-                f"{path} was written by {meta.get('world_size')} processes, this run has {self.world}"
+                f"{path.parent} holds checkpoints of a run without identity, this run is {_short(self.identity)}: "
+                f"refusing to resume from them (delete {path.parent} or choose another output directory)"
             )
-        load_state_dict_checked(self.model, path / "model.safetensors")
-        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+        diff = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
+        detail = "; ".join(f"{k} {str(saved.get(k))[:12]} vs {str(self.identity.get(k))[:12]}" for k in diff)
+        raise CheckpointError(
+            f"{path.parent} holds checkpoints of another run ({detail}): refusing to resume from them "
+            f"(delete {path.parent} or choose another output directory)"
+        )
+
+    def load_checkpoint(self, path: Path, meta: dict[str, Any] | None = None) -> None:
+        """Load ``path`` (written in any mode at any world size) into this run's model, optimizer and state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageReader
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if meta is None:
+            meta, reason = self._verify(path)
+            if meta is None:
+                raise CheckpointError(f"{path}: {reason}")
+        model_sd, optim, groups = self._train_state(drop_tied=False)
         try:
-            self.optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, meta["optimizer"]))
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: optimizer state does not fit this model ({e})") from e
+            stored = HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable tensor files ({type(e).__name__}: {e})") from e
+        stored_shapes = {k: tuple(v.size) for k, v in stored.items() if hasattr(v, "size")}
+        model_sd = _drop_missing_tied(self.model, model_sd, stored_shapes)
+        _check_fits(path, model_sd, stored_shapes, lambda k: not k.startswith((OPTIM_PREFIX, "rank")),
+                    "does not fit this model")
+        _check_fits(path, optim, stored_shapes, lambda k: k.startswith(OPTIM_PREFIX),
+                    "optimizer state does not fit this model")
+        target = {**model_sd, **optim}
+        with warnings.catch_warnings():  # one process reads the shards itself: what no_dist says, no warning needed
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=self.world_size == 1)
+        set_model_state_dict(self.model, model_sd, options=StateDictOptions(strict=False))
+        osd: dict[str, Any] = {"state": {}, "param_groups": []}
+        for key, value in optim.items():
+            name, _, k = key[len(OPTIM_PREFIX) :].rpartition(".")
+            osd["state"].setdefault(name, {})[k] = value
+        saved_groups = meta["optimizer"]["param_groups"]
+        if len(saved_groups) != len(groups):
+            raise CheckpointError(f"{path}: optimizer state does not fit this model ({len(saved_groups)} param groups)")
+        osd["param_groups"] = [{**saved, "params": own["params"]} for saved, own in zip(saved_groups, groups)]
+        set_optimizer_state_dict(self.model, self.optimizer, osd)
         self.scheduler.load_state_dict(meta["scheduler"])
-        self.loader.load_state_dict(meta["loader"])
+        self.loader.load_state_dict(self._rescale_loader(meta["loader"], meta.get("world_size", 1)))
+        self._restore_rng(path, meta)
+        self.step = int(meta["step"])
+        self.tokens = int(meta["tokens"])
+        self.last_loss = float(meta.get("last_loss", float("nan")))
+        self.history = list(meta["history"])
+
+    def _rescale_loader(self, state: dict[str, Any], saved_world: int) -> dict[str, Any]:
+        """A loader position taken at another world size or batch size, moved to this run's (same blocks seen)."""
+        own = self.loader.state_dict()
+        keys = ("world_size", "batch_size", "position")
+        if not all(k in state and k in own for k in keys) or (
+            state["world_size"], state["batch_size"]) == (own["world_size"], own["batch_size"]):
+            return state
+        seen = int(state["position"]) * int(state["world_size"]) * int(state["batch_size"])
+        per_batch = int(own["world_size"]) * int(own["batch_size"])
+        if seen % per_batch and self.rank == 0:
+            log.warning("%s: resharded data position rounded down from %d to %d blocks of the epoch", self.desc, seen,
+                        seen // per_batch * per_batch)
+        return {**state, "world_size": own["world_size"], "batch_size": own["batch_size"],
+                "position": seen // per_batch}
+
+    def _restore_rng(self, path: Path, meta: dict[str, Any]) -> None:
+        saved = meta["rng"]
+        if self.rank >= len(saved):  # resharded to more processes: a new rank gets a fresh, reproducible stream
+            seed = self.cfg.seed + 1_000_003 * self.rank + int(meta["step"])
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            return
         rng_tensors = load_file(str(path / "rng.safetensors"))
-        py = meta["rng"][self.rank]
+        py = saved[self.rank]
         random.setstate(_tuplify(py["python"]))
         np_state = py["numpy"]
         np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
         torch.set_rng_state(rng_tensors[f"rank{self.rank}.torch"])
         if self.device.type == "cuda" and f"rank{self.rank}.cuda" in rng_tensors:
             torch.cuda.set_rng_state(rng_tensors[f"rank{self.rank}.cuda"], self.device)
-        self.step = int(meta["step"])
-        self.tokens = int(meta["tokens"])
-        self.history = list(meta["history"])
+
+    def resume(self) -> int | None:
+        """Load the newest intact checkpoint (skipping corrupt ones, with a warning); None when there is none."""
+        ckpts = self.checkpoints() if self.rank == 0 else []
+        if self.world_size > 1:
+            box = [ckpts]
+            dist.broadcast_object_list(box, src=0)
+            ckpts = box[0]
+        reasons: list[str] = []
+        for _, path in reversed(ckpts):
+            meta, reason = self._verify(path)
+            if meta is not None:
+                self._check_identity(path, meta)
+                self.load_checkpoint(path, meta)
+                bad = self._non_finite_weights()
+                if bad is None:
+                    if reasons and self.rank == 0:
+                        log.warning("%s: resumed from %s after skipping %s", self.desc, path.name, "; ".join(reasons))
+                    self.skipped = reasons
+                    return self.step
+                reason = f"non-finite values in {bad}"
+            reasons.append(f"{path.name}: {reason}")
+            if self.rank == 0:
+                log.warning("%s: skipping checkpoint %s: %s", self.desc, path, reason)
+        if reasons:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.ckpt_root} ({'; '.join(reasons)}); delete it to start over"
+            )
+        return None
+
+    def _non_finite_weights(self) -> str | None:
+        """Name of a parameter or optimizer state holding NaN/inf (any rank), else None. Collective."""
+        bad = ""
+        for name, p in self.model.named_parameters():
+            if not bool(torch.isfinite(_local(p)).all()):
+                bad = name
+                break
+        if not bad:
+            for state in self.optimizer.state.values():
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor) and not bool(torch.isfinite(_local(v)).all()):
+                        bad = f"optimizer state {k}"
+                        break
+                if bad:
+                    break
+        names = [n for n in self._gather(bad) if n]
+        return names[0] if names else None
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained model's full state dict on rank 0 (CPU tensors), ``{}`` elsewhere; call on every rank."""
+        return full_state_dict(self.model)
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -300,24 +594,38 @@ class Trainer:
         self.model.train(was_training)
         if n == 0:
             return None
-        if self.world > 1:
+        if self.world_size > 1:
             t = torch.tensor([total, n], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
             total, n = float(t[0]), int(t[1])
         return total / n
 
     # -------------------------------------------------------------------------------------------- training
+    def _clip(self, params: list[nn.Parameter]) -> float:
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        if self.cfg.clip_grad is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.clip_grad, norm)
+        return float(norm)
+
     def fit(self) -> TrainResult:
         cfg = self.cfg
         start = time.perf_counter()
-        resumed_from = None
-        if ckpts := self.checkpoints():
-            self.load_checkpoint(ckpts[-1][1])
-            resumed_from = self.step
-        else:
+        self.sweep_stale()
+        resumed_from = self.resume()
+        if resumed_from is None:
             torch.manual_seed(cfg.seed + self.rank)
             random.seed(cfg.seed + self.rank)
             np.random.seed(cfg.seed + self.rank)
+            if (bad := self._non_finite_weights()) is not None:
+                raise NonFiniteLossError(f"{self.desc}: the model to train has non-finite values in {bad}")
+        if cfg.effective_warmup < cfg.warmup_steps and self.rank == 0:
+            log.warning("%s: warm-up of %d steps clamped to the %d-step budget", self.desc, cfg.warmup_steps,
+                        cfg.max_steps)
         self.model.train()
         bar = tqdm(
             total=cfg.max_steps,
@@ -326,12 +634,12 @@ class Trainer:
             disable=not cfg.progress or self.rank != 0,
             dynamic_ncols=True,
         )
-        last_loss = float("nan")
         val_loss: float | None = None
         metrics_file = self.out_dir / "metrics.jsonl"
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _rewrite_history(metrics_file, self.history)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             extra: dict[str, float] = {}
@@ -341,30 +649,28 @@ class Trainer:
             step_loss, step_tokens = 0.0, 0
             for micro in range(cfg.grad_accum):
                 batch = {k: v.to(self.device) for k, v in next(self.loader).items()}
-                sync = micro == cfg.grad_accum - 1 or self.world == 1
+                sync = micro == cfg.grad_accum - 1 or self.world_size == 1 or self.fsdp
                 ctx = nullcontext() if sync else self.wrapped.no_sync()  # type: ignore[operator]
                 with ctx, autocast_context(self.device, cfg.precision):
                     loss, m = self.loss_fn(self.wrapped, batch)
                     if not torch.isfinite(loss):
-                        raise NonFiniteLossError(f"{self.desc}: non-finite loss ({float(loss.detach())}) at step {self.step}")
+                        raise NonFiniteLossError(
+                            f"{self.desc}: non-finite loss ({float(loss.detach())}) at step {self.step}"
+                        )
                     (loss / cfg.grad_accum).backward()
                 step_loss += float(loss.detach()) / cfg.grad_accum
                 step_tokens += int(batch["input_ids"].numel())
                 for k, v in m.items():
                     extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            if cfg.clip_grad is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
-            else:
-                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            grad_norm = self._clip(params)
             if not math.isfinite(grad_norm):
                 raise NonFiniteLossError(f"{self.desc}: non-finite gradient norm at step {self.step}")
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
-            self.tokens += step_tokens * self.world
-            last_loss = step_loss
+            self.tokens += step_tokens * self.world_size
+            self.last_loss = step_loss
             dt = time.perf_counter() - t0
             record = {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens}
             record.update(extra)
@@ -377,7 +683,7 @@ class Trainer:
                 if self.rank == 0:
                     with metrics_file.open("a") as f:
                         f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{step_tokens * self.world / dt:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{step_tokens * self.world_size / dt:,.0f}", refresh=False)
             bar.update(1)
             if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps):
                 self.save_checkpoint()
@@ -390,15 +696,81 @@ class Trainer:
         return TrainResult(
             steps=self.step,
             tokens=self.tokens,
-            train_loss=last_loss if self.history else float("nan"),
+            train_loss=self.last_loss,
             val_loss=val_loss,
             resumed_from=resumed_from,
             wall_s=time.perf_counter() - start,
             history=list(self.history),
+            skipped_checkpoints=list(self.skipped),
         )
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _short(identity: Mapping[str, str]) -> str:
+    return ", ".join(f"{k} {str(v)[:12]}" for k, v in sorted(identity.items()))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """Names that share a parameter with an earlier name (sorted); one name of each tied group is stored, the same
+    one safetensors' ``save_model`` keeps (``lm_head.weight`` rather than ``model.embed_tokens.weight``)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n for names in groups.values() for n in sorted(names)[1:]}
+
+
+def _drop_missing_tied(model: nn.Module, sd: dict[str, torch.Tensor], stored: Mapping[str, tuple]) -> dict[str, Any]:
+    """Leave out one name of a tied pair (lm_head.weight = embed_tokens.weight) when only its twin was stored."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    drop = set()
+    for names in groups.values():
+        if len(names) > 1 and any(n in stored for n in names):
+            drop.update(n for n in names if n not in stored)
+    return {k: v for k, v in sd.items() if k not in drop}
+
+
+def _check_fits(path: Path, own: Mapping[str, torch.Tensor], stored: Mapping[str, tuple],
+                ours: Callable[[str], bool], what: str) -> None:
+    """A checkpoint that cannot be loaded into this model at any layout is refused in one line, before loading."""
+    theirs = {k for k in stored if ours(k)}
+    missing = [k for k in own if k not in stored]
+    unexpected = sorted(theirs - set(own))
+    wrong = [k for k in own if k in stored and tuple(own[k].shape) != tuple(stored[k])]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(stored[k])} vs {tuple(own[k].shape)})")
+        raise CheckpointError(f"{path} {what}: " + "; ".join(parts))
+
+
+def _write_json_synced(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _rewrite_history(path: Path, history: list[dict[str, float]]) -> None:
     """metrics.jsonl holds exactly the history of the current (possibly resumed) run."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -422,25 +794,20 @@ def _tuplify(obj: Any) -> Any:
     return obj
 
 
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
-    for idx, pstate in state["state"].items():
-        entry: dict[str, Any] = {}
-        for k, v in pstate.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
-                entry[k] = {"tensor": f"{idx}.{k}"}
-            else:
-                entry[k] = v
-        meta["state"][str(idx)] = entry
-    return tensors, meta
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for idx, entry in meta["state"].items():
-        state[int(idx)] = {
-            k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in entry.items()
-        }
-    return {"state": state, "param_groups": meta["param_groups"]}
+__all__ = [
+    "Batch",
+    "Callback",
+    "CheckpointError",
+    "LossFn",
+    "NonFiniteLossError",
+    "ParallelConfigError",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "autocast_context",
+    "causal_lm_loss",
+    "distributed_env",
+    "init_distributed",
+    "lr_lambda",
+    "validate_parallel",
+]

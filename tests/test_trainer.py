@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import signal
@@ -12,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from bitnet.data import BlockLoader, iter_eval_batches
+from bitnet.io import sha256_file, sha256_json
 from bitnet.student import CheckpointError
 from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
 from bitnet.trainer import NonFiniteLossError, TrainConfig, Trainer, lr_lambda
@@ -42,7 +45,7 @@ def run_script(world: Path, out: Path, *extra: str, torchrun: bool = False, time
     cmd = [sys.executable, str(SCRIPT), str(world), str(out), *extra]
     if torchrun:
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(SCRIPT), str(world), str(out), *extra]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(cmd, check=False, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -54,8 +57,11 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(110) == pytest.approx(0.1)
-    with pytest.raises(ValueError):
-        TrainConfig(max_steps=5, warmup_steps=6)
+    # issue 14: the warm-up is clamped to the step budget (a 2-step run with the 15-step default is valid)
+    short = TrainConfig(max_steps=2, warmup_steps=15)
+    assert short.effective_warmup == 2
+    g = lr_lambda(short)
+    assert g(0) == pytest.approx(0.5) and g(1) == pytest.approx(1.0)
 
 
 def test_training_lowers_validation_loss(small_world, tmp_path: Path) -> None:
@@ -175,3 +181,90 @@ def test_ddp_two_processes_match_single_process(small_world, tmp_path: Path) -> 
     # both ranks' RNG states went into the checkpoint
     rng = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-00000004" / "rng.safetensors"))
     assert {"rank0.torch", "rank1.torch"} <= rng.keys()
+
+
+# ---------------------------------------------------------------------- issue 14: checkpoints that can be trusted
+def _four_steps(small_world, out: Path, identity: dict[str, str] | None = None, **kw) -> tuple[Trainer, object]:
+    cfg = TrainConfig(max_steps=4, ckpt_every=2, keep_checkpoints=2, progress=False, **kw)
+    trainer = Trainer(tiny_lm(small_world.info["vocab_size"]), BlockLoader(small_world.dataset("train"), 2), cfg, out,
+                      identity=identity)
+    return trainer, trainer.fit()
+
+
+def _rewrite_checksums(ckpt: Path) -> None:
+    """Make a tampered checkpoint look intact: recompute its recorded sha256s and the trainer.json digest."""
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    meta["files"] = {name: sha256_file(ckpt / name) for name in meta["files"]}
+    meta.pop("digest")
+    meta["digest"] = sha256_json(meta)
+    (ckpt / "trainer.json").write_text(json.dumps(meta))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(small_world, tmp_path: Path, caplog) -> None:
+    first, _ = _four_steps(small_world, tmp_path)
+    want = {k: v.clone() for k, v in first.model.state_dict().items()}
+    ckpt4 = tmp_path / "checkpoints" / "step-00000004"
+    data = bytearray((ckpt4 / "model.safetensors").read_bytes())
+    data[-100] ^= 0x01  # one flipped bit in a weight
+    (ckpt4 / "model.safetensors").write_bytes(bytes(data))
+    stale = [tmp_path / "checkpoints" / n for n in (".step-00000006.tmp-x1y2", ".step-00000004.old")]
+    for d in stale:
+        d.mkdir()
+    with caplog.at_level(logging.WARNING, logger="bitnet.trainer"):
+        again, result = _four_steps(small_world, tmp_path)
+    assert result.resumed_from == 2 and result.steps == 4
+    assert result.skipped_checkpoints == ["step-00000004: checksum mismatch in model.safetensors"]
+    assert "skipping checkpoint" in caplog.text and "stale temporary" in caplog.text
+    assert not any(d.exists() for d in stale)
+    for k, v in want.items():  # steps 3-4 retrained from the intact step 2 reach the same weights (exact resume)
+        assert torch.equal(again.model.state_dict()[k], v), k
+    assert math.isfinite(result.train_loss)
+
+
+def test_no_intact_checkpoint_is_refused(small_world, tmp_path: Path) -> None:
+    _four_steps(small_world, tmp_path)
+    for ckpt in (tmp_path / "checkpoints").iterdir():
+        (ckpt / "trainer.json").write_text("{")  # truncated
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*unreadable trainer.json.*delete it") as e:
+        _four_steps(small_world, tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_checkpoint_with_non_finite_weights_is_skipped_and_nan_model_refused(small_world, tmp_path: Path) -> None:
+    _four_steps(small_world, tmp_path / "run")
+    ckpt4 = tmp_path / "run" / "checkpoints" / "step-00000004"
+    weights = load_file(str(ckpt4 / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(ckpt4 / "model.safetensors"))
+    _rewrite_checksums(ckpt4)  # intact by checksum, yet non-finite: a recompute must not build on it
+    _, result = _four_steps(small_world, tmp_path / "run")
+    assert result.resumed_from == 2 and result.skipped_checkpoints == [f"step-00000004: non-finite values in {name}"]
+
+    model = tiny_lm(small_world.info["vocab_size"])
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    trainer = Trainer(model, BlockLoader(small_world.dataset("train"), 2),
+                      TrainConfig(max_steps=2, ckpt_every=1, progress=False), tmp_path / "nan")
+    with pytest.raises(NonFiniteLossError, match="non-finite values in model.norm.weight"):
+        trainer.fit()
+    assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
+def test_checkpoints_of_another_run_are_refused(small_world, tmp_path: Path) -> None:
+    ident = {"student": "a" * 64, "config": "c" * 64}
+    _four_steps(small_world, tmp_path, identity=ident)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    other = {"student": "b" * 64, "config": "c" * 64}
+    with pytest.raises(CheckpointError, match=r"checkpoints of another run \(student aaaaaaaaaaaa vs bbbbbbbbbbbb\)"):
+        _four_steps(small_world, tmp_path, identity=other)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    _, result = _four_steps(small_world, tmp_path, identity=ident)  # the same run resumes
+    assert result.resumed_from == 4
+
+
+def test_two_step_run_with_longer_default_warmup(small_world, tmp_path: Path) -> None:
+    cfg = TrainConfig(max_steps=2, warmup_steps=15, progress=False, log_every=1)
+    result = Trainer(tiny_lm(small_world.info["vocab_size"]), BlockLoader(small_world.dataset("train"), 2), cfg,
+                     tmp_path).fit()
+    assert result.steps == 2 and [r["lr"] for r in result.history] == pytest.approx([1.5e-4, 3e-4])
