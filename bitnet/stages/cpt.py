@@ -12,7 +12,7 @@ from torch import nn
 
 from bitnet.layers import set_quant_lambda
 from bitnet.stages.base import Inputs, Stage
-from bitnet.stages.distill import STUDENT_INPUTS, load_pair, train_student
+from bitnet.stages.distill import STUDENT_INPUTS, fresh_student, load_pair, train_student
 from bitnet.stages.training import Proc, StageData, schedule
 from bitnet.trainer import Callback, TrainConfig, causal_lm_loss
 
@@ -46,10 +46,11 @@ def lambda_warmup_callback(cfg: CPTConfig) -> Callback:
 
 
 def run(cfg: CPTConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
-    proc = Proc.start()
-    student, _, world = load_pair(inputs, proc)
+    proc = Proc.start(cfg.train)
+    student, _, world = load_pair(inputs, proc, cfg.train)
     return train_student("cpt", student, world, out, proc=proc, train=cfg.train, data=cfg.data,
-                         loss_fn=causal_lm_loss, callbacks=[lambda_warmup_callback(cfg)])
+                         loss_fn=causal_lm_loss, callbacks=[lambda_warmup_callback(cfg)],
+                         rebuild=lambda: fresh_student(inputs))
 
 
 STAGE = Stage("cpt", CPTConfig, run, inputs=STUDENT_INPUTS,

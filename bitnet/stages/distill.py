@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from bitnet.convert import add_lrc
 from bitnet.layers import set_quant_lambda
+from bitnet.parallel import place_teacher
 from bitnet.stages.base import Inputs, model_dir, teacher_source
 from bitnet.stages.training import Proc, StageData, held_out_perplexity, train_and_save
 from bitnet.student import load_student, save_student
@@ -29,16 +31,22 @@ def lm_forward(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Any:
     return model(input_ids=ids, labels=ids, **kwargs)
 
 
-def load_pair(inputs: Inputs, proc: Proc) -> tuple[nn.Module, nn.Module, World]:
-    """The student to train, the frozen teacher (no gradients) and the world, with matching vocabularies."""
+def load_pair(inputs: Inputs, proc: Proc, train: TrainConfig) -> tuple[nn.Module, nn.Module, World]:
+    """The student to train, the frozen teacher (no gradients; replicated or sharded as ``train`` says) and the
+    world, with matching vocabularies."""
     student = load_student(model_dir(inputs["student"])).to(proc.device)
-    teacher = load_teacher(teacher_source(inputs["teacher"])).to(proc.device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = place_teacher(load_teacher(teacher_source(inputs["teacher"])), proc.device,
+                            placement=train.teacher_placement, precision=train.precision)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"teacher vocab ({teacher.config.vocab_size}) differs from the student's "
                          f"({student.config.vocab_size})")
     return student, teacher, open_world(inputs["world"])
+
+
+def fresh_student(inputs: Inputs, lrc_rank: int = 0) -> nn.Module:
+    """A new CPU copy of the input student (with LRC adapters of ``lrc_rank``): what FSDP consolidates into."""
+    student = load_student(model_dir(inputs["student"]))
+    return add_lrc(student, lrc_rank) if lrc_rank else student
 
 
 def check_same_depth_and_width(stage: str, student: nn.Module, teacher: nn.Module) -> None:
@@ -62,14 +70,16 @@ def train_student(
     loss_fn: LossFn,
     callbacks: Iterable[Callback] = (),
     extra: dict[str, Any] | None = None,
+    rebuild: Callable[[], nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Train, then save the fully quantized student (λ = 1) to ``out/model`` with its validation perplexity."""
+    """Train, then save the fully quantized student (λ = 1) to ``out/model`` with its validation perplexity.
+    ``rebuild``: a fresh student of the same structure, for FSDP's consolidated save."""
 
-    def save(metrics: dict[str, Any]) -> None:
-        set_quant_lambda(student, 1.0)
-        metrics["val_ppl"] = held_out_perplexity(student, world, "validation", data)
-        save_student(student, out / "model", world.tokenizer())
+    def save(model: nn.Module, metrics: dict[str, Any]) -> None:
+        set_quant_lambda(model, 1.0)
+        metrics["val_ppl"] = held_out_perplexity(model, world, "validation", data)
+        save_student(model, out / "model", world.tokenizer())
 
     metrics = train_and_save(student, proc=proc, train=train, data=data, world=world, out=out, save=save,
-                             loss_fn=loss_fn, callbacks=callbacks, desc=stage)
+                             loss_fn=loss_fn, callbacks=callbacks, desc=stage, rebuild=rebuild)
     return {"stage": stage, **metrics, **(extra or {})}

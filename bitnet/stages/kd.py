@@ -13,7 +13,7 @@ from torch import nn
 from bitnet.attention import capture_qkv
 from bitnet.objectives import attention_relation_loss, logits_kd_loss, topk_kd_loss
 from bitnet.stages.base import Inputs, Stage
-from bitnet.stages.distill import STUDENT_INPUTS, lm_forward, load_pair, train_student, unwrap
+from bitnet.stages.distill import STUDENT_INPUTS, fresh_student, lm_forward, load_pair, train_student, unwrap
 from bitnet.stages.training import Proc, StageData, schedule
 from bitnet.trainer import Batch, LossFn, TrainConfig
 
@@ -89,11 +89,11 @@ def kd_loss(teacher: nn.Module, cfg: KDConfig) -> LossFn:
 
 
 def run(cfg: KDConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
-    proc = Proc.start()
-    student, teacher, world = load_pair(inputs, proc)
+    proc = Proc.start(cfg.train)
+    student, teacher, world = load_pair(inputs, proc, cfg.train)
     check_attention_layers(cfg, student, teacher)
     return train_student("kd", student, world, out, proc=proc, train=cfg.train, data=cfg.data,
-                         loss_fn=kd_loss(teacher, cfg))
+                         loss_fn=kd_loss(teacher, cfg), rebuild=lambda: fresh_student(inputs))
 
 
 STAGE = Stage("kd", KDConfig, run, inputs=STUDENT_INPUTS,

@@ -11,7 +11,14 @@ from torch import nn
 
 from bitnet.objectives import hidden_state_loss
 from bitnet.stages.base import Inputs, Stage
-from bitnet.stages.distill import STUDENT_INPUTS, check_same_depth_and_width, lm_forward, load_pair, train_student
+from bitnet.stages.distill import (
+    STUDENT_INPUTS,
+    check_same_depth_and_width,
+    fresh_student,
+    lm_forward,
+    load_pair,
+    train_student,
+)
 from bitnet.stages.training import Proc, StageData, schedule
 from bitnet.trainer import Batch, LossFn, TrainConfig
 
@@ -40,11 +47,11 @@ def layerwise_loss(teacher: nn.Module, kind: str) -> LossFn:
 
 
 def run(cfg: LayerwiseConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
-    proc = Proc.start()
-    student, teacher, world = load_pair(inputs, proc)
+    proc = Proc.start(cfg.train)
+    student, teacher, world = load_pair(inputs, proc, cfg.train)
     check_same_depth_and_width("layerwise", student, teacher)
     return train_student("layerwise", student, world, out, proc=proc, train=cfg.train, data=cfg.data,
-                         loss_fn=layerwise_loss(teacher, cfg.loss))
+                         loss_fn=layerwise_loss(teacher, cfg.loss), rebuild=lambda: fresh_student(inputs))
 
 
 STAGE = Stage("layerwise", LayerwiseConfig, run, inputs=STUDENT_INPUTS,

@@ -16,7 +16,14 @@ from bitnet.layers import bit_linears
 from bitnet.lrc import calibrate_lrc
 from bitnet.objectives import hidden_state_loss, logits_kd_loss
 from bitnet.stages.base import Inputs, Stage
-from bitnet.stages.distill import STUDENT_INPUTS, check_same_depth_and_width, lm_forward, load_pair, train_student
+from bitnet.stages.distill import (
+    STUDENT_INPUTS,
+    check_same_depth_and_width,
+    fresh_student,
+    lm_forward,
+    load_pair,
+    train_student,
+)
 from bitnet.stages.training import Proc, StageData, schedule, stage_train_data
 from bitnet.trainer import Batch, LossFn, TrainConfig
 
@@ -89,8 +96,8 @@ def check_rank(cfg: LRCConfig, student: nn.Module) -> None:
 
 
 def run(cfg: LRCConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
-    proc = Proc.start()
-    student, teacher, world = load_pair(inputs, proc)
+    proc = Proc.start(cfg.train)
+    student, teacher, world = load_pair(inputs, proc, cfg.train)
     if cfg.loss != "logits":
         check_same_depth_and_width("lrc", student, teacher)
     check_rank(cfg, student)
@@ -108,7 +115,8 @@ def run(cfg: LRCConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
     for name, p in student.named_parameters():
         p.requires_grad_(name.endswith(("lrc_u", "lrc_v")))
     return train_student("lrc", student, world, out, proc=proc, train=cfg.train, data=cfg.data,
-                         loss_fn=lrc_loss(teacher, cfg), extra=extra)
+                         loss_fn=lrc_loss(teacher, cfg), extra=extra,
+                         rebuild=lambda: fresh_student(inputs, cfg.rank))
 
 
 STAGE = Stage("lrc", LRCConfig, run, inputs=STUDENT_INPUTS,

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from bitnet.io import atomic_dir, write_json_atomic
 from bitnet.pretrained import materialize_teacher
@@ -48,15 +49,18 @@ def run(cfg: TeacherConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
     if "world" not in inputs:
         raise ValueError("training the tiny teacher needs a world (or set teacher.pretrained)")
     world = open_world(inputs["world"])
-    proc = Proc.start()
+    proc = Proc.start(cfg.train)
     tokenizer = world.tokenizer()
     torch.manual_seed(cfg.train.seed)
-    model = build_tiny_teacher(cfg.model, len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                               eos_token_id=tokenizer.eos_token_id)
+    def build() -> nn.Module:
+        return build_tiny_teacher(cfg.model, len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+
+    model = build()
     if model.config.max_position_embeddings < world.info["config"]["seq_len"]:
         raise ValueError("teacher max_position_embeddings is shorter than the world's seq_len")
 
-    def save(metrics: dict[str, Any]) -> None:
+    def save(model: nn.Module, metrics: dict[str, Any]) -> None:
         metrics["parameters"] = count_parameters(model)
         metrics["val_ppl"] = held_out_perplexity(model, world, "validation", cfg.data)
         metrics["test_ppl"] = held_out_perplexity(model, world, "test", cfg.data)
@@ -66,7 +70,7 @@ def run(cfg: TeacherConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
             tokenizer.save_pretrained(tmp)
 
     return train_and_save(model, proc=proc, train=cfg.train, data=cfg.data, world=world, out=out, save=save,
-                          desc="teacher")
+                          desc="teacher", rebuild=build)
 
 
 STAGE = Stage("teacher", TeacherConfig, run, optional_inputs=("world",),

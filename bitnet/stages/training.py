@@ -19,7 +19,16 @@ from torch import nn
 
 from bitnet.data import BlockLoader, PackedDataset, iter_eval_batches
 from bitnet.evaluate import perplexity
-from bitnet.trainer import Callback, LossFn, TrainConfig, Trainer, causal_lm_loss, distributed_env, init_distributed
+from bitnet.trainer import (
+    Callback,
+    LossFn,
+    TrainConfig,
+    Trainer,
+    causal_lm_loss,
+    distributed_env,
+    init_distributed,
+    validate_parallel,
+)
 from bitnet.world import World
 
 
@@ -72,8 +81,11 @@ class Proc:
     device: torch.device
 
     @classmethod
-    def start(cls) -> Proc:
-        """Join the torchrun process group when there is one; a single process otherwise."""
+    def start(cls, train: TrainConfig | None = None) -> Proc:
+        """Join the torchrun process group when there is one; a single process otherwise. With ``train``, refuse
+        a parallel layout this job cannot run (FSDP on one process) before any work."""
+        if train is not None:
+            validate_parallel(train, distributed_env()[1])
         if distributed_env()[1] > 1:
             return cls(*init_distributed())
         return cls(0, 1, default_device())
@@ -100,13 +112,17 @@ def train_and_save(
     data: StageData,
     world: World,
     out: Path,
-    save: Callable[[dict[str, Any]], None],
+    save: Callable[[nn.Module, dict[str, Any]], None],
     loss_fn: LossFn = causal_lm_loss,
     callbacks: Iterable[Callback] = (),
     desc: str = "",
+    rebuild: Callable[[], nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` (resuming from ``out/train``), then on rank 0 call ``save(metrics)``, which may add
-    metrics and writes the model; every rank waits for it and returns the metrics."""
+    """Train ``model`` (resuming from ``out/train``), then on rank 0 call ``save(model, metrics)``, which may add
+    metrics and writes the model; every rank waits for it and returns the metrics.
+
+    Under FSDP the trained weights are gathered (every rank takes part) into ``rebuild()``, a fresh unsharded
+    module of the same structure, which rank 0 evaluates and saves: the artifact is consolidated."""
     val = world.dataset("validation")
     loader = BlockLoader(stage_train_data(data, world), data.batch_size, seed=train.seed, rank=proc.rank,
                          world_size=proc.world_size)
@@ -120,8 +136,15 @@ def train_and_save(
                                "peak_rss_gb": peak_rss_gb(), "resumed_from": result.resumed_from}
     if torch.cuda.is_available():
         metrics["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if train.parallel == "fsdp":
+        state = trainer.full_state_dict()  # a collective: every rank
+        if proc.rank == 0:
+            if rebuild is None:
+                raise ValueError(f"{desc}: this stage cannot consolidate an FSDP-trained model (no rebuild)")
+            model = rebuild()
+            model.load_state_dict(state)
     if proc.rank == 0:
         model.eval()
-        save(metrics)
+        save(model, metrics)
     proc.barrier()
     return metrics
