@@ -36,8 +36,8 @@ from bitnet.layers import BitLinear, bit_linears
 from bitnet.quant import act_quant_value
 from bitnet.student import save_student
 from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher
-from tests.test_layers_convert import tiny_model
 from tests.support import free_port, stop
+from tests.test_layers_convert import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # measured on this machine (2 layers, hidden 256, FFN 512, 2 × 64 held-out tokens): TQ2_0 max |Δlogit| ≈ 0.005
