@@ -194,7 +194,30 @@ def _plan_summary(res) -> str:
     return " + ".join(f"{k} {v / total:.0%}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1]))
 
 
+def reuse_files(args, out: Path) -> tuple[list[File], str, str]:
+    """The files a previous run of the same preset left in ``--keep`` (``--reuse``: measure without rebuilding)."""
+    files: list[File] = []
+    for path in sorted(out.glob("*.gguf")):
+        reader = gguf.GGUFReader(path)
+        counts: dict[str, int] = {}
+        emb = "?"
+        for t in reader.tensors:
+            if t.name == "token_embd.weight":
+                emb = t.tensor_type.name
+            elif t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
+                counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+        total = sum(counts.values()) or 1
+        mix = " + ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+        files.append(File(path.stem, path, mix, emb))
+    if args.teacher_gguf:
+        files.append(File("teacher Q4_1 (shipped)", Path(args.teacher_gguf), "Q4_1", "Q4_1 (as shipped)"))
+    ref = next(f.label for f in files if f.label in ("student-f16", "teacher-f16"))
+    return files, ref, f"model: {args.preset}-shaped, files reused from {out}"
+
+
 def build_files(args, out: Path, tok) -> tuple[list[File], str, str]:
+    if args.reuse:
+        return reuse_files(args, out)
     t0 = time.perf_counter()
     model = build_model(args.preset, args.layers)
     n_params = sum(p.numel() for p in model.parameters())
@@ -238,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="override the layer count (default: the real one)")
     p.add_argument("--teacher-gguf", help="the teacher's own GGUF (smollm2: SmolLM2-135M-Instruct.Q4_1.gguf)")
     p.add_argument("--keep", help="write the GGUF files here instead of a temporary directory")
+    p.add_argument("--reuse", action="store_true", help="measure the files already in --keep (no rebuild)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(args.threads))
     with tempfile.TemporaryDirectory() as tmp:
