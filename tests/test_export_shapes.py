@@ -319,3 +319,32 @@ def test_hf_export_of_any_student_is_loaded_by_transformers(arch, small_world, t
     # identical formulas; the student's λ = 1 path goes through kernels/reference.py, which is bit-identical to
     # F.linear(act_quant(x), weight_quant(w)) — allow fp32 reassociation only (1e-4 of logits of std ~1)
     assert np.abs(a - b).max() <= 1e-4
+
+
+@pytest.mark.parametrize("etype", ["q8_0", "q6_k"])
+def test_quantized_embedding_is_what_llama_cpp_uses(etype, small_world, tokens, tmp_path, monkeypatch) -> None:
+    """Token embedding = output matrix as Q8_0 / Q6_K: llama.cpp looks rows up dequantized and, for the output matmul,
+    quantizes the final hidden state like any Q8_0 (per 32) / Q6_K (Q8_K, per 256) matrix input. The reference does the
+    same with the embedding dequantized by ``gguf`` from the file itself, so the same tolerance applies."""
+    tok = small_world.tokenizer()
+    model = convert_to_bitnet(_small("llama", len(tok)), BitNetConfig(subln="none")).eval()
+    res = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok, embedding_type=etype)
+    t = {t.name: t for t in read_gguf_checked(res.path).tensors}["token_embd.weight"]
+    assert t.tensor_type.name == etype.upper()
+    llm = load_llama(res.path, n_ctx=64, n_threads=1, f32_kv_cache=True)
+    try:
+        out = llama_logits(llm, tokens.tolist())
+    finally:
+        llm.close()
+    deq = torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(model.lm_head.weight.shape))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(deq)  # tied: the lm_head too
+    act = _q8_0 if etype == "q8_0" else _q8_K
+    head = model.lm_head
+    monkeypatch.setattr(head, "forward", lambda x: F.linear(act(x), head.weight))
+    kinds = _gguf_to_module_names(model, res.plan)
+    _emulate(model, monkeypatch, kinds, fold=False)
+    ref = _torch_logits(model, tokens)
+    monkeypatch.setattr(head, "forward", lambda x: F.linear(x, head.weight))
+    _emulate(model, monkeypatch, dict.fromkeys(kinds, "none"), fold=False)
+    _assert_agree(f"embedding {etype}", out, ref, _torch_logits(model, tokens))
