@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,23 +41,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bitnet.convert import BitNetConfig, convert_to_bitnet  # noqa: E402
-from bitnet.data import train_bpe_tokenizer  # noqa: E402
-from bitnet.export import export_gguf  # noqa: E402
-from bitnet.export.llamacpp import load_llama  # noqa: E402
-from bitnet.export.names import LAYER_MATRICES, LAYER_NORMS, T, tensor_name  # noqa: E402
-from bitnet.export.plan import permute_rows  # noqa: E402
-from bitnet.export.vocab import vocab_metadata  # noqa: E402
-from bitnet.export.writer import atomic_gguf_write  # noqa: E402
+from bitnet.convert import BitNetConfig, convert_to_bitnet
+from bitnet.data import train_bpe_tokenizer
+from bitnet.export import ForeignGGUFWarning, check_gguf, export_gguf
+from bitnet.export.names import LAYER_MATRICES, LAYER_NORMS, T, tensor_name
+from bitnet.export.plan import permute_rows
+from bitnet.export.vocab import vocab_metadata
+from bitnet.export.writer import atomic_gguf_write
 
 PRESETS = {
-    "smollm2": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                    intermediate_size=1536, vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
-                    max_position_embeddings=8192),
-    "llama1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                    intermediate_size=8192, vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072,
-                    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "smollm2": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                "intermediate_size": 1536, "vocab_size": 49152, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+                "max_position_embeddings": 8192},
+    "llama1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "intermediate_size": 8192, "vocab_size": 128256, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
+                "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
 }
 
 
@@ -150,10 +150,17 @@ def measure(llm, prompt: list[int], decode: list[int], speed: Speed) -> None:
 
 def run_rounds(files: list[File], prompt: list[int], decode: list[int], threads: int, rounds: int) -> dict[str, Speed]:
     """Measure the files one at a time per round (only one model loaded at a time: the 1B F16 file is 2.5 GB)."""
+    import llama_cpp
+
     speeds = {f.label: Speed() for f in files}
+    for f in files:  # the integrity check once (it hashes the whole file), not before every load
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ForeignGGUFWarning)
+            check_gguf(f.path)
     for r in range(rounds + 1):  # round 0: warm-up (page-in, thread pools), not recorded
         for f in files if r % 2 == 0 else files[::-1]:
-            llm = load_llama(f.path, n_ctx=len(prompt) + len(decode) + 8, n_threads=threads, logits_all=False)
+            llm = llama_cpp.Llama(model_path=str(f.path), n_ctx=len(prompt) + len(decode) + 8, n_threads=threads,
+                                  n_threads_batch=threads, logits_all=False, verbose=False)
             try:
                 measure(llm, prompt, decode, speeds[f.label] if r else Speed())
             finally:
@@ -187,7 +194,30 @@ def _plan_summary(res) -> str:
     return " + ".join(f"{k} {v / total:.0%}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1]))
 
 
+def reuse_files(args, out: Path) -> tuple[list[File], str, str]:
+    """The files a previous run of the same preset left in ``--keep`` (``--reuse``: measure without rebuilding)."""
+    files: list[File] = []
+    for path in sorted(out.glob("*.gguf")):
+        reader = gguf.GGUFReader(path)
+        counts: dict[str, int] = {}
+        emb = "?"
+        for t in reader.tensors:
+            if t.name == "token_embd.weight":
+                emb = t.tensor_type.name
+            elif t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
+                counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+        total = sum(counts.values()) or 1
+        mix = " + ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+        files.append(File(path.stem, path, mix, emb))
+    if args.teacher_gguf:
+        files.append(File("teacher Q4_1 (shipped)", Path(args.teacher_gguf), "Q4_1", "Q4_1 (as shipped)"))
+    ref = next(f.label for f in files if f.label in ("student-f16", "teacher-f16"))
+    return files, ref, f"model: {args.preset}-shaped, files reused from {out}"
+
+
 def build_files(args, out: Path, tok) -> tuple[list[File], str, str]:
+    if args.reuse:
+        return reuse_files(args, out)
     t0 = time.perf_counter()
     model = build_model(args.preset, args.layers)
     n_params = sum(p.numel() for p in model.parameters())
@@ -231,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="override the layer count (default: the real one)")
     p.add_argument("--teacher-gguf", help="the teacher's own GGUF (smollm2: SmolLM2-135M-Instruct.Q4_1.gguf)")
     p.add_argument("--keep", help="write the GGUF files here instead of a temporary directory")
+    p.add_argument("--reuse", action="store_true", help="measure the files already in --keep (no rebuild)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(args.threads))
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,14 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         vocab = PRESETS[args.preset]["vocab_size"]
         prompt = rng.integers(1, min(vocab, 49152), size=args.prompt).tolist()
         decode = rng.integers(1, min(vocab, 49152), size=args.decode).tolist()
-        runs = {n: run_rounds(files, prompt, decode, n, args.rounds) for n in args.threads}
         print(f"\n## GGUF size and llama.cpp speed — {platform.machine()}, {os.cpu_count()} CPUs "
-              f"({_cpu_name()}), llama-cpp-python {_llama_version()}")
+              f"({_cpu_name()}), llama-cpp-python {_llama_version()}, load average {os.getloadavg()[0]:.1f}")
         print(header)
-        print(f"pp: {args.prompt} prompt tokens in one batch; decode: {args.decode} single-token steps; {args.rounds} rounds "
-              f"after a warm-up, file order alternating; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
-        for n, speeds in runs.items():
+        print(f"pp: {args.prompt} prompt tokens in one batch; decode: {args.decode} single-token steps; "
+              f"{args.rounds} rounds after a warm-up, file order alternating", flush=True)
+        for n in args.threads:
+            t0 = time.perf_counter()
+            speeds = run_rounds(files, prompt, decode, n, args.rounds)
             print(report(files, speeds, n, ref))
+            print(f"({time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f}; peak RSS "
+                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB)", flush=True)
     return 0
 
 

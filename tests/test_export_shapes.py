@@ -34,7 +34,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from bitnet.convert import BitNetConfig, convert_to_bitnet
-from bitnet.export import UnsupportedExportError, export_gguf, plan_export, read_gguf_checked
+from bitnet.export import (
+    UnsupportedExportError,
+    export_gguf,
+    plan_export,
+    read_gguf_checked,
+)
 from bitnet.export.llamacpp import llama_logits, load_llama
 from bitnet.export.plan import activation_blocks, permute_rows, row_permutation
 from bitnet.layers import BitLinear
@@ -50,26 +55,29 @@ def _common(vocab: int) -> dict:
             "initializer_range": 0.05, "bos_token_id": 0, "eos_token_id": 0}
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 SHAPES = {
     # name: (config factory, SubLN placement, expected arch)
-    "smollm2-135m": (lambda v: LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                                           rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192, **_common(v)),
-                     "standard", "bitnet"),
-    "qwen2.5-0.5b": (lambda v: Qwen2Config(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
-                                           rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
-                                           use_sliding_window=False, **_common(v)),
-                     "none", "qwen2"),
-    "qwen3-0.6b": (lambda v: Qwen3Config(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
-                                         head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960,
-                                         **_common(v)),
-                   "none", "qwen3"),
-    "llama-3.2-1b": (lambda v: LlamaConfig(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
-                                           rms_norm_eps=1e-5, max_position_embeddings=131072,
-                                           rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                            "original_max_position_embeddings": 8192},
-                                           **_common(v)),
-                     "none", "llama"),
+    "smollm2-135m": (
+        lambda v: LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                              rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192, **_common(v)),
+        "standard", "bitnet"),
+    "qwen2.5-0.5b": (
+        lambda v: Qwen2Config(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                              rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                              use_sliding_window=False, **_common(v)),
+        "none", "qwen2"),
+    "qwen3-0.6b": (
+        lambda v: Qwen3Config(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
+                              head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960,
+                              **_common(v)),
+        "none", "qwen3"),
+    "llama-3.2-1b": (
+        lambda v: LlamaConfig(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                              rms_norm_eps=1e-5, max_position_embeddings=131072, rope_parameters=dict(LLAMA3_ROPE),
+                              **_common(v)),
+        "none", "llama"),
 }
 
 
@@ -85,14 +93,15 @@ def build_student(shape: str, vocab: int) -> torch.nn.Module:
 
 
 def _q8_K(x: torch.Tensor) -> torch.Tensor:
-    """ggml quantize_row_q8_K_ref (the x86 build uses it): per 256 values, iscale = −127/max (signed), round half even."""
+    """ggml quantize_row_q8_K_ref (the x86 build uses it): per 256 values, iscale = −127/max (signed), round to even."""
     shape = x.shape
     b = x.reshape(-1, 256)
     idx = b.abs().argmax(-1, keepdim=True)
     mx = torch.gather(b, -1, idx)
-    iscale = torch.where(mx != 0, torch.tensor(-127.0, dtype=x.dtype) / torch.where(mx != 0, mx, torch.ones_like(mx)), torch.zeros_like(mx))
+    one, zero = torch.ones_like(mx), torch.zeros_like(mx)
+    iscale = torch.where(mx != 0, torch.tensor(-127.0, dtype=x.dtype) / torch.where(mx != 0, mx, one), zero)
     q = torch.round(iscale * b).clamp(max=127)
-    d = torch.where(iscale != 0, 1.0 / torch.where(iscale != 0, iscale, torch.ones_like(iscale)), torch.zeros_like(iscale))
+    d = torch.where(iscale != 0, 1.0 / torch.where(iscale != 0, iscale, one), zero)
     return (q * d).reshape(shape)
 
 
@@ -203,7 +212,8 @@ def _assert_agree(label: str, out: np.ndarray, ref: np.ndarray, unquantized: np.
     effect0 = float(np.abs(ref[:, 0] - unquantized[:, 0]).mean())
     err, effect = float(np.abs(out - ref).mean()), float(np.abs(ref - unquantized).mean())
     top1 = float((out.argmax(-1) == ref.argmax(-1)).mean())
-    print(f"{label}: position 0: median mean|llama.cpp − ref| {err0:.2e} vs quantization effect {effect0:.4f}; all positions: "
+    print(f"{label}: position 0: median mean|llama.cpp − ref| {err0:.2e} vs quantization effect {effect0:.4f}; "
+          "all positions: "
           f"{err:.5f} (max {np.abs(out - ref).max():.4f}) vs {effect:.5f}, ratio {err / effect:.3f}; top-1 {top1:.3f}; "
           f"logit std {ref.std():.2f}")
     assert err0 <= POS0_BOUND * effect0 and err <= RATIO_BOUND * effect and top1 >= MIN_TOP1
@@ -222,13 +232,12 @@ def test_unexpressible_combination_names_both_ways_out(small_world) -> None:
 
 
 def _small(arch: str, vocab: int, **over) -> torch.nn.Module:
+    small = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "max_position_embeddings": 256, **_common(vocab)}
     cfgs = {
-        "llama": lambda: LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                                     rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=256, **_common(vocab)),
-        "qwen2": lambda: Qwen2Config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                                     max_position_embeddings=256, use_sliding_window=False, **_common(vocab)),
-        "qwen3": lambda: Qwen3Config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                                     head_dim=128, max_position_embeddings=256, **_common(vocab)),
+        "llama": lambda: LlamaConfig(rope_theta=10000.0, rms_norm_eps=1e-5, **small),
+        "qwen2": lambda: Qwen2Config(use_sliding_window=False, **small),
+        "qwen3": lambda: Qwen3Config(head_dim=128, **small),
     }
     cfg = cfgs[arch]()
     cfg.update(over)
@@ -260,7 +269,8 @@ def test_lrc_adapter_for_native_graphs(arch, small_world, tokens, tmp_path, monk
         for _, layer in bit_linears(model):
             layer.lrc_u.normal_(std=0.05)
     model.eval()
-    res = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok, embedding_type="f32", lora_out=tmp_path / "m.lora.gguf")
+    res = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok, embedding_type="f32",
+                      lora_out=tmp_path / "m.lora.gguf")
     assert res.arch == arch and read_gguf_checked(res.lora_path).get_field("general.architecture").contents() == arch
     if arch == "llama":
         assert "output.weight" in {t.name for t in res.plan.tensors}
@@ -286,9 +296,10 @@ def test_lrc_adapter_for_native_graphs(arch, small_world, tokens, tmp_path, monk
 def test_hf_export_of_any_student_is_loaded_by_transformers(arch, small_world, tokens, tmp_path) -> None:
     """The reference form: qwen2 + SubLN standard + LRC (no llama.cpp graph) and llama + SubLN all load in transformers
     with the student's logits (same math, same float order: equal up to the fp32 rounding of one code path)."""
+    from transformers import AutoModelForCausalLM as Auto
+
     from bitnet.convert import add_lrc
     from bitnet.export.hf_student import save_hf
-    from transformers import AutoModelForCausalLM as Auto
 
     tok = small_world.tokenizer()
     subln = "standard" if arch == "qwen2" else "all"
@@ -308,3 +319,32 @@ def test_hf_export_of_any_student_is_loaded_by_transformers(arch, small_world, t
     # identical formulas; the student's λ = 1 path goes through kernels/reference.py, which is bit-identical to
     # F.linear(act_quant(x), weight_quant(w)) — allow fp32 reassociation only (1e-4 of logits of std ~1)
     assert np.abs(a - b).max() <= 1e-4
+
+
+@pytest.mark.parametrize("etype", ["q8_0", "q6_k"])
+def test_quantized_embedding_is_what_llama_cpp_uses(etype, small_world, tokens, tmp_path, monkeypatch) -> None:
+    """Token embedding = output matrix as Q8_0 / Q6_K: llama.cpp looks rows up dequantized and, for the output matmul,
+    quantizes the final hidden state like any Q8_0 (per 32) / Q6_K (Q8_K, per 256) matrix input. The reference does the
+    same with the embedding dequantized by ``gguf`` from the file itself, so the same tolerance applies."""
+    tok = small_world.tokenizer()
+    model = convert_to_bitnet(_small("llama", len(tok)), BitNetConfig(subln="none")).eval()
+    res = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok, embedding_type=etype)
+    t = {t.name: t for t in read_gguf_checked(res.path).tensors}["token_embd.weight"]
+    assert t.tensor_type.name == etype.upper()
+    llm = load_llama(res.path, n_ctx=64, n_threads=1, f32_kv_cache=True)
+    try:
+        out = llama_logits(llm, tokens.tolist())
+    finally:
+        llm.close()
+    deq = torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(model.lm_head.weight.shape))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(deq)  # tied: the lm_head too
+    act = _q8_0 if etype == "q8_0" else _q8_K
+    head = model.lm_head
+    monkeypatch.setattr(head, "forward", lambda x: F.linear(act(x), head.weight))
+    kinds = _gguf_to_module_names(model, res.plan)
+    _emulate(model, monkeypatch, kinds, fold=False)
+    ref = _torch_logits(model, tokens)
+    monkeypatch.setattr(head, "forward", lambda x: F.linear(x, head.weight))
+    _emulate(model, monkeypatch, dict.fromkeys(kinds, "none"), fold=False)
+    _assert_agree(f"embedding {etype}", out, ref, _torch_logits(model, tokens))

@@ -364,6 +364,10 @@ def test_bad_options_get_a_clear_error(small_world, tmp_path) -> None:
     with pytest.raises(UnsupportedExportError, match="weight_type must be one of"):
         export_gguf(_odd_dims(), tmp_path / "m.gguf", tokenizer=small_world.tokenizer(), weight_type="q2_0")
     assert not list(tmp_path.iterdir())
+    (tmp_path / "d.gguf").mkdir()
+    with pytest.raises(UnsupportedExportError, match="is a directory"):
+        export_gguf(_odd_dims(), tmp_path / "d.gguf", tokenizer=small_world.tokenizer())
+    assert [p.name for p in tmp_path.iterdir()] == ["d.gguf"] and not list((tmp_path / "d.gguf").iterdir())
 
 
 def test_rows_tq_cannot_hold_get_an_exact_fallback(small_world, tmp_path) -> None:

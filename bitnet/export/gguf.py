@@ -27,7 +27,14 @@ from torch import nn
 
 from bitnet.export.errors import UnsupportedExportError
 from bitnet.export.lora import export_lrc_adapter
-from bitnet.export.names import LAYER_MATRICES, LAYER_NORMS, QK_K, SUB_NORMS, T, tensor_name
+from bitnet.export.names import (
+    LAYER_MATRICES,
+    LAYER_NORMS,
+    QK_K,
+    SUB_NORMS,
+    T,
+    tensor_name,
+)
 from bitnet.export.plan import (
     BitnetHParams,
     ExportHParams,
@@ -37,7 +44,13 @@ from bitnet.export.plan import (
     plan_export,
 )
 from bitnet.export.vocab import vocab_metadata
-from bitnet.export.writer import CHECKSUM_KEY, RawTensor, add_tensors, add_tensors_with_checksum, atomic_gguf_write
+from bitnet.export.writer import (
+    CHECKSUM_KEY,
+    RawTensor,
+    add_tensors,
+    add_tensors_with_checksum,
+    atomic_gguf_write,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -57,8 +70,21 @@ _FILE_TYPES: dict[str, gguf.LlamaFileType] = {
 }
 
 __all__ = [
-    "ARCH", "CHECKSUM_KEY", "LAYER_MATRICES", "LAYER_NORMS", "QK_K", "SUB_NORMS", "T", "BitnetHParams", "ExportHParams",
-    "ExportResult", "add_tensors_with_checksum", "atomic_gguf_write", "check_exportable", "export_gguf", "plan_export",
+    "ARCH",
+    "CHECKSUM_KEY",
+    "LAYER_MATRICES",
+    "LAYER_NORMS",
+    "QK_K",
+    "SUB_NORMS",
+    "BitnetHParams",
+    "ExportHParams",
+    "ExportResult",
+    "T",
+    "add_tensors_with_checksum",
+    "atomic_gguf_write",
+    "check_exportable",
+    "export_gguf",
+    "plan_export",
     "tensor_name",
 ]
 
@@ -122,7 +148,8 @@ def _resolve(
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         except (OSError, ValueError) as e:
             raise UnsupportedExportError(
-                f"no usable Hugging Face tokenizer in {tokenizer} ({str(e).splitlines()[0].rstrip(':')}); pass the tokenizer explicitly"
+                f"no usable Hugging Face tokenizer in {tokenizer} ({str(e).splitlines()[0].rstrip(':')}); "
+                "pass the tokenizer explicitly"
             ) from e
     return model, tokenizer
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 MARKER = "modeling_bitdistill.py"
 BASES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
-MODELING = '''"""bitdistill student (written by bitnet.export.hf_student): a ternary BitNet student on a transformers base model.
+MODELING = '''"""bitdistill student (written by bitnet.export.hf_student): a ternary student on a transformers base.
 
 Weights: absmean ternary, Δ = mean|W|, codes = clamp(round(W / (Δ + 1e-5)), -1, 1). Activations: per token,
 s = 127 / max|x| (clamped at 1e-5), round, clamp to [-128, 127]. SubLN: RMSNorm on a linear's input (float32).
@@ -145,7 +145,9 @@ def save_hf_student(model: nn.Module, out_dir: str | Path, tokenizer: PreTrained
     return out
 
 
-def save_hf(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[Path, str]:
+def save_hf(
+    model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None
+) -> tuple[Path, str]:
     """The best Hugging Face form of ``model``: transformers' own ``bitnet`` type where it fits, else remote code.
 
     Returns the directory and the form (``bitnet`` or ``remote-code``).

@@ -19,7 +19,8 @@ which multiplies by the ``.scale`` tensor *before* adding the LoRA term, but ``b
 ``ffn_up``/``ffn_gate`` as ``build_lora_mm(w, cur)`` and multiplies by ``up_s``/``gate_s`` *after* it, so the
 LoRA term of those two is scaled by Δ as well (in the native graphs ``build_ffn`` does the same for ``ffn_down``,
 which the ``bitnet`` graph computes outside it). Their ``lora_b`` is therefore written as ``U / Δ`` when Δ is in a
-``.scale`` tensor (``delta="tensor"``); with Δ folded into the block scales there is no ``.scale`` and ``B = U``. Merging instead is not exact (``U·Vᵀ`` is full precision, the
+``.scale`` tensor (``delta="tensor"``); with Δ folded into the block scales there is no ``.scale`` and ``B = U``.
+Merging instead is not exact (``U·Vᵀ`` is full precision, the
 base matrix is ternary), so the adapter ships next to the base GGUF and is applied at load time
 (``Llama(lora_path=...)``, ``bitdistill serve --lora``).
 """
@@ -36,7 +37,13 @@ from torch import nn
 from bitnet.convert import decoder_layers
 from bitnet.export.errors import UnsupportedExportError
 from bitnet.export.names import LAYER_MATRICES, T, tensor_name
-from bitnet.export.plan import ExportHParams, check_exportable, permute_rows, resolve_delta, row_permutation
+from bitnet.export.plan import (
+    ExportHParams,
+    check_exportable,
+    permute_rows,
+    resolve_delta,
+    row_permutation,
+)
 from bitnet.export.writer import RawTensor, add_tensors, atomic_gguf_write
 from bitnet.layers import BitLinearLRC
 

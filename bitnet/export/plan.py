@@ -33,7 +33,15 @@ from torch import nn
 
 from bitnet.convert import BitNetConfig, decoder_layers
 from bitnet.export.errors import UnsupportedExportError
-from bitnet.export.names import LAYER_MATRICES, LAYER_NORMS, QK_K, QK_NORMS, SUB_NORMS, T, tensor_name
+from bitnet.export.names import (
+    LAYER_MATRICES,
+    LAYER_NORMS,
+    QK_K,
+    QK_NORMS,
+    SUB_NORMS,
+    T,
+    tensor_name,
+)
 from bitnet.export.quants import (
     EMBEDDING_QTYPES,
     TERNARY_QTYPES,
@@ -51,7 +59,8 @@ Fallback = Literal["auto", "q4_0", "q8_0"]
 ARCHS: tuple[str, ...] = ("bitnet", "llama", "qwen2", "qwen3")
 WEIGHT_TYPES: tuple[str, ...] = ("tq2_0", "tq1_0", "q4_0", "q8_0", "f16")
 EMBEDDING_TYPES: tuple[str, ...] = ("f16", "f32", "q8_0", "q6_k")
-# measured (benchmarks/gguf_speed.py, docs/export.md): Q4_0 decodes faster than Q8_0 for rows TQ cannot hold
+# measured (benchmarks/gguf_speed.py smollm2, docs/export.md): with the 576-wide rows of SmolLM2 as Q4_0 the student
+# decodes at 1.79× the F16 teacher, as Q8_0 at 1.63× (1 thread; 2 threads 1.79× vs 1.17×), and the file is 32 % smaller
 FALLBACK_BY_SPEED = "q4_0"
 # graphs that multiply every ternary matrix's output by its ``.scale`` (qwen2's build_ffn call passes NULL scales)
 SCALE_ARCHS = ("bitnet", "llama", "qwen3")
@@ -145,12 +154,13 @@ class ExportPlan:
     def table(self, *, all_tensors: bool = False) -> str:
         """A printable table (markdown): tensor, shape, type, bits; norms/scales only with ``all_tensors``."""
         rows = [t for t in self.tensors if all_tensors or t.role in ("ternary", "embedding", "output")]
-        lines = [f"arch {self.arch}; ternary {self.weight_type} (Δ in {'.scale F32' if self.delta == 'tensor' else 'fp16 block scales'}); "
-                 f"embedding {self.embedding_type}",
+        where = ".scale F32" if self.delta == "tensor" else "fp16 block scales"
+        lines = [f"arch {self.arch}; ternary {self.weight_type} (Δ in {where}); embedding {self.embedding_type}",
                  "| tensor | shape | type | bits | note |", "|---|---|---|---|---|"]
         lines += [f"| {t.name} | {' × '.join(map(str, t.shape))} | {t.type} | {t.bits:.4g} | {t.note} |" for t in rows]
         mix = ", ".join(f"{k} {v / max(self.ternary_params, 1):.1%}" for k, v in sorted(self.type_counts().items()))
-        lines.append(f"\nternary: {self.ternary_params / 1e6:.2f} M weights, {8 * self.ternary_bytes / max(self.ternary_params, 1):.4f} "
+        bpw = 8 * self.ternary_bytes / max(self.ternary_params, 1)
+        lines.append(f"\nternary: {self.ternary_params / 1e6:.2f} M weights, {bpw:.4f} "
                      f"bits/weight ({mix}); file ≈ {sum(t.n_bytes for t in self.tensors) / 1e6:.1f} MB + vocabulary")
         return "\n".join(lines)
 
@@ -232,7 +242,8 @@ def resolve_arch(model: nn.Module, arch: str = "auto") -> str:
         return "bitnet"
     if bcfg.subln == "standard":
         what = "q/k/v biases" if mt == "qwen2" else "q/k norms"
-        raise unsupported(f"no stock llama.cpp graph has {mt}'s {what} and SubLN (bitnet has the sub-norms but no {what}, "
+        raise unsupported(f"no stock llama.cpp graph has {mt}'s {what} and SubLN "
+                          f"(bitnet has the sub-norms but no {what}, "
                           f"{mt} has no sub-norms); {WAYS_OUT}")
     raise unsupported(f"SubLN placement {bcfg.subln!r}: llama.cpp has sub-norms only before wo and ffn_down "
                       f"('standard', the bitnet graph); {WAYS_OUT}")
@@ -256,7 +267,8 @@ def check_exportable(model: nn.Module, weight_type: str = "tq2_0", arch: str = "
     if getattr(head, "bias", None) is not None:
         raise unsupported("lm_head has a bias", arch)
     if arch == "bitnet" and not tied:
-        raise unsupported(f"untied input/output embeddings; the bitnet graph uses token_embd as lm_head; {WAYS_OUT}", arch)
+        raise unsupported(f"untied input/output embeddings; the bitnet graph uses token_embd as lm_head; {WAYS_OUT}",
+                          arch)
     sliding = getattr(cfg, "sliding_window", None)
     n_ctx = int(cfg.max_position_embeddings)
     if sliding is not None and getattr(cfg, "use_sliding_window", True) and int(sliding) < n_ctx:
@@ -265,11 +277,13 @@ def check_exportable(model: nn.Module, weight_type: str = "tq2_0", arch: str = "
     n_head_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
     head_dim = int(getattr(cfg, "head_dim", None) or n_embd // n_head)
     if arch == "bitnet" and head_dim * n_head != n_embd:
-        raise unsupported(f"heads·head_dim = {n_head}·{head_dim} ≠ hidden size {n_embd} (wq/wo must be n_embd × n_embd); "
+        raise unsupported(f"heads·head_dim = {n_head}·{head_dim} ≠ hidden size {n_embd} "
+                          "(wq/wo must be n_embd × n_embd); "
                           f"{WAYS_OUT}", arch)
     eps = float(cfg.rms_norm_eps)
     if arch == "bitnet" and bcfg.norm_eps is not None and not math.isclose(bcfg.norm_eps, eps, rel_tol=1e-6):
-        raise unsupported(f"SubLN eps {bcfg.norm_eps} differs from rms_norm_eps {eps}; llama.cpp has one eps for all norms", arch)
+        raise unsupported(f"SubLN eps {bcfg.norm_eps} differs from rms_norm_eps {eps}; "
+                          "llama.cpp has one eps for all norms", arch)
     layers = decoder_layers(model)
     for i, block in enumerate(layers):
         for path in LAYER_MATRICES:
@@ -277,7 +291,8 @@ def check_exportable(model: nn.Module, weight_type: str = "tq2_0", arch: str = "
             if not isinstance(m, BitLinear):
                 raise unsupported(f"layer {i} {path} is a {type(m).__name__}, not a BitLinear", arch)
             if m.quant_lambda != 1.0:
-                raise unsupported(f"layer {i} {path} has quant_lambda {m.quant_lambda}; the file holds the fully ternary "
+                raise unsupported(f"layer {i} {path} has quant_lambda {m.quant_lambda}; "
+                                  "the file holds the fully ternary "
                                   "student (λ = 1)", arch)
             if m.bias is not None and (arch in ("bitnet", "qwen3") or path.startswith("mlp.")
                                        or (arch == "qwen2" and path == "self_attn.o_proj")):
@@ -347,7 +362,8 @@ def _check_options(weight_type: str, embedding_type: str, delta: str, fallback: 
     if weight_type not in WEIGHT_TYPES:
         raise UnsupportedExportError(f"weight_type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
     if embedding_type not in EMBEDDING_TYPES:
-        raise UnsupportedExportError(f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {embedding_type!r}")
+        raise UnsupportedExportError(
+            f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {embedding_type!r}")
     if delta not in ("auto", "tensor", "fold"):
         raise UnsupportedExportError(f"delta must be auto, tensor or fold, got {delta!r}")
     if fallback not in ("auto", "q4_0", "q8_0"):

@@ -62,7 +62,7 @@ def _near(key: bytes, ours: bytes, max_bits: int = 2) -> bool:
     """Equal length and at most ``max_bits`` bits different: a damaged name of one of our keys."""
     if len(key) != len(ours):
         return False
-    return sum(bin(a ^ b).count("1") for a, b in zip(key, ours)) <= max_bits
+    return sum((a ^ b).bit_count() for a, b in zip(key, ours)) <= max_bits
 
 
 def _is_ours(reader: gguf.GGUFReader) -> bool:
