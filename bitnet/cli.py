@@ -110,40 +110,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from bitnet.export import export_gguf
+    from bitnet.export.plan import plan_export
+    from bitnet.student import load_student
 
     student = Path(args.student)
     if not student.is_dir():
         raise CLIError(f"student directory {student} does not exist")
+    options = {"weight_type": args.type, "embedding_type": args.embedding_type, "delta": args.delta,
+               "fallback": args.fallback, "arch": args.arch}
+    if args.plan:  # the per-tensor type plan; nothing is written
+        print(plan_export(load_student(student), **options).table())
+        return 0
+    if not args.out:
+        raise CLIError("export needs --out FILE.gguf (or --plan)")
     out = Path(args.out)
     if out.suffix != ".gguf":
         raise CLIError(f"--out must name a .gguf file, got {out}")
     lora_out = Path(args.lora_out) if args.lora_out else out.with_name(out.stem + ".lrc.gguf")
-    result = export_gguf(
-        student,
-        out,
-        tokenizer=args.tokenizer,
-        weight_type=args.type,
-        embedding_type=args.embedding_type,
-        tokenizer_pre=args.tokenizer_pre,
-        lora_out=lora_out,
-    )
+    result = export_gguf(student, out, tokenizer=args.tokenizer, tokenizer_pre=args.tokenizer_pre, lora_out=lora_out,
+                         **options)
     summary = {
         "gguf": str(result.path),
+        "arch": result.arch,
         "type": result.weight_type,
         "bytes": result.file_bytes,
         "tensors": result.n_tensors,
         "ternary_bits_per_weight": round(result.bits_per_ternary_weight, 4),
         "lora_adapter": str(result.lora_path) if result.lora_path else None,
     }
-    if args.hf_out:  # also a checkpoint that stock transformers loads (its `bitnet` model type)
+    if args.hf_out:  # also a checkpoint transformers loads: its own `bitnet` type where it fits, else remote code
         from transformers import AutoTokenizer
 
-        from bitnet.export.hf import save_hf_bitnet
-        from bitnet.student import load_student
+        from bitnet.export.hf_student import save_hf
 
         tok_dir = args.tokenizer or (str(student) if (student / "tokenizer_config.json").is_file() else None)
         tok = AutoTokenizer.from_pretrained(tok_dir) if tok_dir else None
-        summary["hf_checkpoint"] = str(save_hf_bitnet(load_student(student), args.hf_out, tokenizer=tok))
+        path, form = save_hf(load_student(student), args.hf_out, tok)
+        summary["hf_checkpoint"], summary["hf_form"] = str(path), form
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -282,18 +285,27 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(st)
     st.set_defaults(func=cmd_stage)
 
-    ex = sub.add_parser("export", help="write a student as a llama.cpp GGUF (bitnet arch; TQ2_0, TQ1_0 or F16)")
-    ex.add_argument("--student", required=True, help="student directory (from `convert` or a stage's OUT/model)")
-    ex.add_argument("--out", required=True, help="output .gguf file")
-    ex.add_argument("--type", choices=["tq2_0", "tq1_0", "f16"], default="tq2_0",
-                    help="ternary matrices as (default: %(default)s)")
-    ex.add_argument("--embedding-type", choices=["f16", "f32"], default="f16",
-                    help="token embedding (default: %(default)s)")
+    ex = sub.add_parser("export", help="write a student as a llama.cpp GGUF (bitnet or its native graph; exact "
+                        "ternary types per tensor)")
+    ex.add_argument("--student", required=True, help="student directory (from `convert` or a stage's output)")
+    ex.add_argument("--out", help="output .gguf file (not needed with --plan)")
+    ex.add_argument("--plan", action="store_true", help="print the per-tensor type plan (tensor, shape, type, bits) "
+                    "and exit; nothing is written")
+    ex.add_argument("--type", choices=["tq2_0", "tq1_0", "q4_0", "q8_0", "f16"], default="tq2_0",
+                    help="preferred type of the ternary matrices (default: %(default)s)")
+    ex.add_argument("--fallback", choices=["auto", "q4_0", "q8_0"], default="auto",
+                    help="exact type for rows TQ2_0/TQ1_0 cannot hold (default: %(default)s = q4_0, measured faster)")
+    ex.add_argument("--embedding-type", choices=["f16", "f32", "q8_0", "q6_k"], default="f16",
+                    help="token embedding / output matrix (default: %(default)s)")
+    ex.add_argument("--arch", choices=["auto", "bitnet", "llama", "qwen2", "qwen3"], default="auto",
+                    help="llama.cpp graph (default: bitnet for SubLN students, the native graph for --subln none)")
+    ex.add_argument("--delta", choices=["auto", "tensor", "fold"], default="auto",
+                    help="Δ as an exact .scale tensor or folded into the block scales (default: %(default)s)")
     ex.add_argument("--tokenizer", help="HF tokenizer directory (default: the student directory)")
     ex.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name when it cannot be inferred")
     ex.add_argument("--lora-out", help="LRC adapter GGUF for LRC students (default: OUT with .lrc.gguf)")
-    ex.add_argument("--hf-out",
-                    help="also save a transformers 'bitnet' checkpoint (AutoModelForCausalLM loads it) here")
+    ex.add_argument("--hf-out", help="also save a Hugging Face checkpoint (transformers' bitnet type, else remote "
+                    "code) here")
     ex.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="serve a GGUF with llama.cpp's OpenAI-compatible HTTP server")
