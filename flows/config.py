@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from bitnet.config import ConfigError, deep_merge, load_config
 from bitnet.convert import BitNetConfig
 from bitnet.data import TextSource
+from bitnet.evaluate import HarnessConfig
 from bitnet.stages.convert import ConvertConfig
 from bitnet.stages.cpt import CPTConfig
 from bitnet.stages.eval import EvalConfig
@@ -260,7 +261,8 @@ def smollm2_135m() -> PipelineConfig:
         cpt=CPTStep(lambda_warmup_steps=40, **_smol(100, 2e-4)),
         kd=KDStep(**_smol(60, 1e-4)),
         lrc=LRCStep(rank=32, calib_batches=4, **_smol(20, 1e-4)),
-        eval=EvalStep(batch_size=8, max_batches=8),
+        eval=EvalStep(batch_size=8, max_batches=8,
+                      harness=HarnessConfig(tasks=["bitdistill_cloze"], limit=100, lm_eval_perplexity=False)),
     )
 
 

@@ -71,7 +71,7 @@ def tiny_llama(vocab_size: int, eos: int, tied: bool) -> LlamaForCausalLM:
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # norms away from 1 so that a lost or misplaced norm weight shows in the logits
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
     return model
@@ -155,7 +155,7 @@ def stored(model: LlamaForCausalLM, kind: str) -> LlamaForCausalLM:
     qtype, _ = QTYPES[kind]
     ref = LlamaForCausalLM(model.config).eval()
     with torch.no_grad():
-        for (name, p), (_, src) in zip(ref.named_parameters(), model.named_parameters(), strict=True):
+        for p, src in zip(ref.parameters(), model.parameters(), strict=True):
             data, raw = _store(src.detach().numpy(), qtype)
             back = gguf.quants.dequantize(data, raw) if raw is not None else data.astype(np.float32)
             p.copy_(torch.from_numpy(np.ascontiguousarray(back)).reshape(p.shape))
@@ -338,3 +338,32 @@ def test_smollm2_converts(tmp_path: Path) -> None:
     with torch.no_grad():
         nxt = model(ids).logits[0, -1].argmax().item()
     assert tok.decode([nxt]).strip() == "Paris"
+
+
+def test_gguf_teacher_through_the_stages(tiny_gguf: Path, tmp_path: Path) -> None:
+    """teacher (GGUF, materialised once) → world packed with its tokenizer → convert → eval, where the teacher's
+    own file runs through llama.cpp on the same held-out rows as the PyTorch teacher."""
+    from bitnet.data import PYTHON_DOCS_DIR, TextSource
+    from bitnet.stages.convert import ConvertConfig
+    from bitnet.stages.eval import EvalConfig
+    from bitnet.stages.registry import run_stage
+    from bitnet.stages.teacher import TeacherConfig
+    from bitnet.world import WorldConfig
+
+    teacher = run_stage("teacher", TeacherConfig(pretrained=str(tiny_gguf)), {}, tmp_path / "teacher")
+    assert teacher["kind"] == "gguf" and (tmp_path / "teacher" / "model" / "model.safetensors").is_file()
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for f in sorted(Path(PYTHON_DOCS_DIR).glob("library/*.rst.txt"))[:6]:
+        (src / f.name).write_text(f.read_text())
+    world = WorldConfig(source=TextSource(kind="dir", path=str(src), glob="*.rst.txt"), tokenizer=str(tiny_gguf),
+                        split_fractions=(0.5, 0.25, 0.25), seq_len=32)
+    run_stage("world", world, {}, tmp_path / "world")
+    run_stage("convert", ConvertConfig(), {"teacher": tmp_path / "teacher"}, tmp_path / "student")
+    m = run_stage("eval", EvalConfig(batch_size=4, max_batches=2),
+                  {"teacher": tmp_path / "teacher", "world": tmp_path / "world", "naive": tmp_path / "student",
+                   "student": tmp_path / "student"}, tmp_path / "eval")
+    assert m["teacher_gguf"] == tiny_gguf.name
+    # F32 file, F32 dequantised teacher: the two perplexities differ only by llama.cpp's float order, far below 1 %
+    assert m["teacher_gguf_ppl"] == pytest.approx(m["teacher_ppl"], rel=1e-2)
+    assert m["student_ppl"] > 1 and 0 <= m["student_top1_agreement"] <= 1

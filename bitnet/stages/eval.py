@@ -1,15 +1,28 @@
 """Stage ``eval``: held-out perplexity of the teacher, the naive ternary model (converted, untrained) and the
-final student, with the students' top-1 agreement and KL to the teacher."""
+final student, with the students' top-1 agreement and KL to the teacher; the teacher's own GGUF (what users run
+today) through llama.cpp on the same rows when the teacher came from one; lm-eval tasks of the student
+(``harness``)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoTokenizer
 
 from bitnet.data import iter_eval_batches
-from bitnet.evaluate import compare_to_teacher, perplexity
+from bitnet.evaluate import (
+    HarnessConfig,
+    compare_to_teacher,
+    evaluate_model,
+    gguf_perplexity,
+    perplexity,
+    write_results,
+)
+from bitnet.pretrained import SOURCE_FILE
 from bitnet.stages.base import Inputs, Stage, model_dir, teacher_source
 from bitnet.student import load_student
 from bitnet.teacher import load_teacher
@@ -22,6 +35,8 @@ class EvalConfig(BaseModel):
     split: Literal["test", "validation"] = "test"
     batch_size: int = Field(default=16, ge=1)
     max_batches: int | None = Field(default=32, ge=1, description="cap on held-out batches")
+    teacher_gguf: bool = Field(default=True, description="also the teacher's source GGUF through llama.cpp")
+    harness: HarnessConfig | None = Field(default=None, description="lm-eval tasks of the student (unset: none)")
 
 
 def run(cfg: EvalConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
@@ -32,11 +47,22 @@ def run(cfg: EvalConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
 
     teacher = load_teacher(teacher_source(inputs["teacher"]))
     metrics: dict[str, Any] = {"split": cfg.split, "teacher_ppl": perplexity(teacher, batches())}
+    source = model_dir(inputs["teacher"]) / SOURCE_FILE
+    if cfg.teacher_gguf and source.is_file() and Path(gguf := json.loads(source.read_text())["gguf"]).is_file():
+        rows = torch.cat([b["input_ids"] for b in batches()])  # the same held-out rows
+        metrics["teacher_gguf"] = Path(gguf).name
+        metrics["teacher_gguf_ppl"] = gguf_perplexity(gguf, rows)
     for name in ("naive", "student"):
         if name not in inputs:
             continue
         m = compare_to_teacher(load_student(model_dir(inputs[name])), teacher, batches())
         metrics.update({f"{name}_ppl": m["ppl"], f"{name}_top1_agreement": m["top1_agreement"], f"{name}_kl": m["kl"]})
+    if cfg.harness is not None and "student" in inputs:
+        student_dir = model_dir(inputs["student"])
+        res = evaluate_model(load_student(student_dir), AutoTokenizer.from_pretrained(str(student_dir)), data,
+                             out / "lm-eval-data", cfg.harness, name="student")
+        write_results(res, out / "lm-eval.json")
+        metrics.update({f"student_{task}_{k}": v for task, m in res.tasks.items() for k, v in m.items()})
     metrics["val_ppl"] = metrics.get("student_ppl")  # the summary table's perplexity column
     return metrics
 
