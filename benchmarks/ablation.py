@@ -7,6 +7,11 @@ small budget on top of the full BitDistill row and says so. Each row prints held
 next-token agreement with the teacher and KL(teacher ‖ student), the tokens it trained on and its wall time.
 
     python benchmarks/ablation.py --workdir runs/tiny --steps 300 [--markdown docs/ablation.md]
+    python benchmarks/ablation.py --preset smollm2-135m --steps 24    # a real pretrained teacher (offline)
+
+``--preset`` takes the world, teacher (a GGUF teacher is materialised once), batch, learning rate and LRC rank from
+a pipeline preset; its teacher's own GGUF, when it came from one, is a row too (llama.cpp on the same test rows:
+"what users run today").
 
 Stage outputs go to ``WORKDIR/ablation/<row>/...``; a finished stage is reused by a re-run (the stages resume
 from their checkpoints), so an interrupted benchmark continues where it stopped. ``--fresh`` starts over.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -27,7 +33,8 @@ import torch
 
 from bitnet.convert import BitNetConfig
 from bitnet.data import iter_eval_batches
-from bitnet.evaluate import compare_to_teacher
+from bitnet.evaluate import compare_to_teacher, gguf_perplexity
+from bitnet.pretrained import SOURCE_FILE
 from bitnet.stages.convert import ConvertConfig
 from bitnet.stages.cpt import CPTConfig
 from bitnet.stages.kd import KDConfig
@@ -95,8 +102,32 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
+def prepare_preset(args: argparse.Namespace) -> None:
+    """World and teacher of a pipeline preset under WORKDIR (reused when built), and the preset's batch, lr, rank."""
+    from flows.config import preset
+
+    cfg = preset(args.preset)
+    workdir = Path(args.workdir)
+    if not (workdir / "world" / "world.json").is_file():
+        run_stage("world", cfg.world.stage_config(), {}, workdir / "world")
+    if not (workdir / "teacher" / "model" / "config.json").is_file():
+        run_stage("teacher", cfg.teacher.stage_config(), {"world": workdir / "world"}, workdir / "teacher")
+    args.batch_size, args.lr, args.lrc_rank = cfg.cpt.data.batch_size, cfg.cpt.train.lr, cfg.lrc.rank
+
+
+def bits_per_weight(model: torch.nn.Module) -> float:
+    """Effective bits per ternary weight: log2(3) for the codes plus 16 bits per LRC adapter parameter (fp16)."""
+    from bitnet.layers import bit_linears
+
+    ternary = sum(m.weight.numel() for _, m in bit_linears(model))
+    adapters = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("lrc_u", "lrc_v")))
+    return math.log2(3) + 16 * adapters / max(ternary, 1)
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     workdir = Path(args.workdir)
+    if args.preset:
+        prepare_preset(args)
     world: World = open_world(workdir / "world")
     teacher_dir = Path(args.teacher) if args.teacher else workdir / "teacher" / "model"
     if not (teacher_dir / "config.json").is_file():
@@ -114,8 +145,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    results.append({"row": "teacher (full precision)", "tokens": 0, "wall_s": 0.0, **evaluate(teacher)})
+    results.append({"row": "teacher (full precision)", "tokens": 0, "wall_s": 0.0, "bpw": 16.0, **evaluate(teacher)})
     print(_line(results[-1]), flush=True)
+    source = teacher_dir / SOURCE_FILE
+    if source.is_file() and Path(gguf := json.loads(source.read_text())["gguf"]).is_file():
+        rows = torch.cat([b["input_ids"] for b in iter_eval_batches(test, 16, args.eval_batches)])
+        t1 = time.perf_counter()
+        ppl = gguf_perplexity(gguf, rows)
+        results.append({"row": f"teacher's own GGUF ({Path(gguf).name}, llama.cpp)", "tokens": 0, "ppl": ppl,
+                        "top1_agreement": float("nan"), "kl": float("nan"), "wall_s": time.perf_counter() - t1,
+                        "stages": "—", "bpw": float("nan")})
+        print(_line(results[-1]), flush=True)
 
     finals: dict[str, Path] = {}
     for row in build_rows(args.steps, args.batch_size, args.lr, args.lrc_rank, args.seed):
@@ -135,7 +175,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             student_dir = stage_out / "model"
         finals[row.name] = student_dir
         student = load_student(student_dir).eval()
-        rec = {"row": row.name, "tokens": tokens, "wall_s": time.perf_counter() - t0,
+        rec = {"row": row.name, "tokens": tokens, "wall_s": time.perf_counter() - t0, "bpw": bits_per_weight(student),
                "stages": "+".join(n for n, _ in row.stages) or "convert", **evaluate(student)}
         results.append(rec)
         print(_line(rec), flush=True)
@@ -154,20 +194,24 @@ def _line(r: dict[str, Any]) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     teacher_ppl = results[0]["ppl"]
     out = [
-        "| row | stages | test ppl | ppl / teacher | top-1 agreement | KL(T‖S) | train tokens | wall time |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| row | stages | test ppl | ×teacher | top-1 agreement | KL(T‖S) | bits/weight | train tokens | wall time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         out.append(
             f"| {r['row']} | {r.get('stages', '—')} | {r['ppl']:.2f} | {r['ppl'] / teacher_ppl:.3f} | "
-            f"{r['top1_agreement']:.3f} | {r['kl']:.3f} | {r['tokens']:,} | {r['wall_s']:.0f} s |"
+            f"{r['top1_agreement']:.3f} | {r['kl']:.3f} | {r.get('bpw', float('nan')):.2f} | {r['tokens']:,} | "
+            f"{r['wall_s']:.0f} s |"
         )
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default="runs/tiny", help="a `bitdistill demo` work directory (world + teacher)")
+    p.add_argument("--workdir", help="a `bitdistill demo` work directory (world + teacher); default runs/tiny, or "
+                   "runs/PRESET/ablation-base with --preset")
+    p.add_argument("--preset", help="take world, teacher, batch, lr and LRC rank from this pipeline preset "
+                   "(e.g. smollm2-135m: the real pretrained teacher)")
     p.add_argument("--teacher", help="teacher HF directory (default: WORKDIR/teacher/model)")
     p.add_argument("--out", help="where stage outputs go (default: WORKDIR/ablation)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of every trained row (split among stages)")
@@ -180,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--markdown", help="write the table as markdown here")
     args = p.parse_args(argv)
+    args.workdir = args.workdir or (f"runs/{args.preset}/ablation-base" if args.preset else "runs/tiny")
     results = run(args)
     md = table(results)
     print("\n" + md)
