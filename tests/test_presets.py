@@ -40,8 +40,9 @@ def test_smollm2_preset_budgets_fit_two_cpu_cores() -> None:
     assert cfg.teacher.pretrained == "smollm2-135m" and cfg.world.tokenizer == "smollm2-135m"
     steps = {s: cfg.step(s).train.max_steps for s in ("layerwise", "cpt", "kd", "lrc")}
     tokens = sum(n * cfg.step(s).data.batch_size * cfg.world.seq_len for s, n in steps.items())
-    # ~10 s per fp32 step of 1,024 tokens on 2 cores with teacher + student + AdamW (issue 12): ≤ 45 min of training
-    assert tokens == 200 * 1024 and sum(steps.values()) * 10 <= 45 * 60
+    # ~28 s per fp32 step of 1,024 tokens on 2 idle cores with teacher + student + AdamW (49-67 CPU-s measured on
+    # two threads): ≤ 45 min of training, leaving ~10 min for the GGUF teacher, the world, export and eval
+    assert tokens == 90 * 1024 and sum(steps.values()) * 28 <= 45 * 60
 
 
 def test_plan_cli(capsys: pytest.CaptureFixture[str]) -> None:
