@@ -440,59 +440,8 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[str]) -> None:
     raise TimeoutError(url)
 
 
-@pytest.mark.slow
-def test_deployments_against_a_real_server(corpus, tmp_path):
-    """prefect server + process work pool + worker: `prefect deployment run bitdistill/full` runs the tiny
-    pipeline to completion; `bitdistill/eval-only` then reuses every training stage."""
-    repo = Path(__file__).resolve().parents[1]
-    prefect = str(Path(sys.executable).parent / "prefect")
-    port = free_port()
-    home = tmp_path / "prefect-home"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/server.db",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": "1",
-           "BITDISTILL_CODE_VERSION": "deployment-test"}
-    root = tmp_path / "artifacts"
-    params = json.dumps({"config": json.loads(tiny_config(corpus, str(root)).model_dump_json())})
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(*args: str) -> subprocess.Popen[str]:
-        p = subprocess.Popen([prefect, *args], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
-        procs.append(p)
-        return p
-
-    def cli(*args: str, timeout: float = 120) -> str:
-        r = subprocess.run([prefect, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-        assert r.returncode == 0, (args, r.stdout[-3000:], r.stderr[-3000:])
-        return r.stdout
-
-    try:
-        server = start("server", "start", "--host", "127.0.0.1", "--port", str(port))
-        _wait_http(f"http://127.0.0.1:{port}/api/health", 120, server)
-        cli("work-pool", "create", "bitdistill-process", "--type", "process")
-        out = cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-        assert "bitdistill/full" in out and "bitdistill/retrain-weekly" in out and "bitdistill/eval-only" in out
-        start("worker", "start", "--pool", "bitdistill-process")
-        t0 = time.perf_counter()
-        out = cli("deployment", "run", "bitdistill/full", "--params", params, "--watch", timeout=600)
-        t_full = time.perf_counter() - t0
-        assert "Completed" in out, out[-2000:]
-        assert list(root.glob("export/*/student.gguf"))
-        summaries = [json.loads(p.read_text()) for p in root.glob("runs/*/summary.json")]
-        assert len(summaries) == 1 and {r["status"] for r in summaries[0]["stages"][:7]} == {"completed"}
-
-        eval_params = json.dumps({"config": {**json.loads(params)["config"], "reuse_only": True}})
-        out = cli("deployment", "run", "bitdistill/eval-only", "--params", eval_params, "--watch", timeout=600)
-        assert "Completed" in out, out[-2000:]
-        summaries = [json.loads(p.read_text()) for p in root.glob("runs/*/summary.json")]
-        latest = max(summaries, key=lambda s: len([r for r in s["stages"] if r["cached"]]))
-        assert all(r["cached"] for r in latest["stages"][:7]), latest["stages"]
-        print(f"`prefect deployment run bitdistill/full --watch` on the tiny test config: {t_full:.1f} s")
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                stop(p, group=True, timeout=20)
+# The deployments against a real server and worker (deploy, run, kill, Crashed, retry, eval-only) are tested in
+# tests/test_ops.py::test_killed_worker_crashes_then_retry_resumes_on_a_real_server.
 
 
 # ------------------------------------------------------------------------------------------------ MLflow

@@ -229,11 +229,17 @@ def _get(url: str, body: dict[str, Any] | None = None) -> Any:
         return json.loads(r.read())
 
 
+def _logs(api: str, flow_run_id: str) -> list[str]:
+    """The log messages of a flow run (its task runs' included)."""
+    return [entry["message"] for offset in range(0, 2000, 200) for entry in _get(
+        f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "offset": offset, "limit": 200})]
+
+
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited early: {proc.communicate()[0][-2000:]}")
+            raise RuntimeError(f"server exited early with {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -261,12 +267,13 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~6 min on 2 free cores; 15 min measured with the cores shared 4 ways
 def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
     """prefect server + `deployments/setup_server.py` + a process worker: the smoke deployment with a longer CPT;
     the worker and its flow-run process are SIGKILLed by PID while CPT trains. The project's automation marks the
     run Crashed (heartbeats stopped), `prefect flow-run retry` resumes it (finished stages Cached, CPT from its
-    checkpoint), the killed attempt's MLflow run is closed as KILLED; eval-only then reuses everything, and an
-    eval-only run whose config would need training fails without training."""
+    checkpoint), the killed attempt's MLflow run is closed as KILLED; an eval-only run whose config would need
+    training fails without training, with one traceback."""
     from mlflow import MlflowClient
 
     bindir = Path(sys.executable).parent
@@ -282,9 +289,10 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
               "cpt": {"train": {"max_steps": 16, "ckpt_every": 4}}}
     procs: list[subprocess.Popen[str]] = []
 
-    def start(*args: str) -> subprocess.Popen[str]:
-        p = subprocess.Popen(list(args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
+    def start(*args: str) -> subprocess.Popen[str]:  # output to a file: a full pipe would stall a chatty worker
+        with open(tmp_path / f"{len(procs)}-{args[2]}.log", "w") as log:
+            p = subprocess.Popen(list(args), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
         procs.append(p)
         return p
 
@@ -351,8 +359,7 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
         assert metrics["resumed_from"] >= killed_at and metrics["steps"] == 16, (metrics, killed_at)
         task_runs = _get(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
         assert {t["state"]["type"] for t in task_runs} <= {"COMPLETED", "CRASHED"}, task_runs  # nothing "Running"
-        logs = [entry["message"] for offset in range(0, 2000, 200) for entry in _get(
-            f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "offset": offset, "limit": 200})]
+        logs = _logs(api, run_id)
         assert any(m.startswith(f"cpt: resumed from step {metrics['resumed_from']}/16 (checkpoint ") for m in logs)
         assert not any("computing cache key" in m for m in logs)
 
@@ -364,13 +371,17 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
             ("1", "KILLED"), ("2", "FINISHED")]
         assert parents[1].data.metrics["eval/student_ppl"] > 1
 
-        # eval-only reuses every training stage; one whose config needs training fails and trains nothing
-        eval_id = run_deployment("bitdistill/eval-only", params)
-        assert wait_state(eval_id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=300) == "COMPLETED"
+        # eval-only whose config would need training (a new KD temperature) fails and trains nothing
         kd_dirs = set(root.glob("kd/*"))
         eval_id = run_deployment("bitdistill/eval-only", {**params, "config": {**config, "kd": {"temperature": 3.0}}})
         assert wait_state(eval_id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=300) == "FAILED"
         assert set(root.glob("kd/*")) == kd_dirs
+        failed_logs = _logs(api, eval_id)
+        assert sum("Traceback" in m for m in failed_logs) == 1, failed_logs  # one traceback per failure
+        assert not any("computing cache key" in m for m in failed_logs)
+
+        logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+        assert "telemetry" not in logs, logs[-3000:]  # offline: no "Failed to send telemetry" ERROR
 
         # the screenshot script picks the run that finished last, not a Scheduled retrain-weekly run
         code = "import asyncio, ui_screenshot; print('LATEST=' + asyncio.run(ui_screenshot.latest_run_id()))"
@@ -380,3 +391,20 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
         for p in reversed(procs):
             if p.poll() is None:
                 stop(p, group=True, timeout=20)
+
+
+def test_flow_run_is_over_asks_prefect(prefect_server):
+    import uuid
+
+    from prefect import flow
+
+    from flows.runner import flow_run_is_over
+
+    @flow
+    def noop() -> str:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id)
+
+    assert flow_run_is_over(noop())  # Completed
+    assert flow_run_is_over(str(uuid.uuid4()))  # unknown to Prefect: nothing can still be running under it
