@@ -2,28 +2,33 @@
 
 Every stage runs through one cached Prefect task (``tasks/stages.py``), wired here by name: a second run with the
 same config finishes with every stage ``Cached``; changing one stage's config or the ``bitnet/`` code it imports
-re-runs that stage and those after it.
+re-runs that stage and those after it. A killed run (``Crashed``) resumes by ``prefect flow-run retry`` or a new
+run: finished stages come from the cache, the killed stage from its last trainer checkpoint.
+
+Parameters: ``preset`` (one of ``flows.config.PRESETS``) and ``config``, a partial mapping merged over it. A
+deployment's own settings are never inside ``config`` (a user's ``--params '{"config": ...}'`` replaces that
+parameter as a whole): ``eval-only`` is its own entry point, :func:`bitdistill_eval_only`, which cannot train.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
-from prefect import flow
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry from a local server
 
-from flows.config import STUDENT_STAGES, PipelineConfig, pipeline_config
-from flows.report import RunSummary
-from flows.runner import StageRunner
+from prefect import flow  # noqa: E402
+from prefect.states import State  # noqa: E402
+
+from flows.config import STUDENT_STAGES, PipelineConfig, pipeline_config  # noqa: E402
+from flows.report import RunSummary  # noqa: E402
+from flows.runner import StageRunner  # noqa: E402
 
 
-@flow(name="bitdistill", validate_parameters=False)
-def bitdistill(config: PipelineConfig | Mapping[str, Any] | None = None, preset: str | None = None) -> RunSummary:
-    """``config``: a full config, or a partial mapping merged over ``preset`` (default: the mapping's
-    ``preset``, else ``tiny``)."""
-    cfg = pipeline_config(config, preset).resolved()
-    run = StageRunner(cfg)
-
+def pipeline(run: StageRunner) -> RunSummary:
+    """The stages, in order, each fed the outputs it needs."""
+    cfg = run.cfg
     world = run.stage("world")
     teacher = run.stage("teacher", world=None if cfg.teacher.pretrained else world)
     student = naive = run.stage("convert", teacher=teacher)
@@ -32,6 +37,25 @@ def bitdistill(config: PipelineConfig | Mapping[str, Any] | None = None, preset:
     gguf = run.stage("export", student=student)
     run.stage("eval", student=student, naive=naive, teacher=teacher, world=world)
     return run.finish(student, gguf)
+
+
+@flow(name="bitdistill", validate_parameters=False)
+def bitdistill(
+    config: PipelineConfig | Mapping[str, Any] | None = None, preset: str | None = None
+) -> RunSummary | State:
+    """``preset``: tiny (default), smoke or a real-model preset; ``config``: a full config, or a partial mapping
+    merged over the preset (``{"kd": {"temperature": 2.0}}``)."""
+    return StageRunner.execute(pipeline, pipeline_config(config, preset))
+
+
+@flow(name="bitdistill", validate_parameters=False)
+def bitdistill_eval_only(
+    config: PipelineConfig | Mapping[str, Any] | None = None, preset: str | None = None
+) -> RunSummary | State:
+    """Deployment ``eval-only``: export and evaluate the finished student. Every training stage must already be
+    finished; whatever ``config`` says, nothing is trained (``reuse_only`` is forced on)."""
+    cfg = pipeline_config(config, preset)
+    return StageRunner.execute(pipeline, cfg.model_copy(update={"reuse_only": True}))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bitnet.config import ConfigError, deep_merge, load_config
 from bitnet.convert import BitNetConfig
-from bitnet.data import TextSource
+from bitnet.data import PYTHON_DOCS_DIR, TextSource
 from bitnet.evaluate import HarnessConfig
 from bitnet.stages.convert import ConvertConfig
 from bitnet.stages.cpt import CPTConfig
@@ -97,7 +97,7 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = "tiny"
+    preset: str = Field(default="tiny", description="the preset this config was built from (one of PRESETS)")
     reuse_only: bool = Field(
         default=False, description="eval-only runs: training stages must already be finished (nothing is trained)"
     )
@@ -112,6 +112,13 @@ class PipelineConfig(BaseModel):
     lrc: LRCStep = Field(default_factory=LRCStep)
     export: ExportStep = Field(default_factory=ExportStep)
     eval: EvalStep = Field(default_factory=EvalStep)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; expected one of {', '.join(PRESETS)}")
+        return v
 
     @classmethod
     def stage_names(cls) -> tuple[str, ...]:
@@ -268,8 +275,36 @@ def smollm2_135m() -> PipelineConfig:
     )
 
 
+SMOKE_GLOB = "library/[ab]*.rst.txt"  # 36 files, 0.5 MB of the Python docs
+
+
+def smoke() -> PipelineConfig:
+    """Every stage on a sliver of the Python docs with a 2-layer teacher and a few steps per stage: the whole flow
+    in about a minute on 2 CPU cores (a check that a deployment, a worker and the store work, not a model)."""
+    train = {"lr": 2e-3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2, "eval_every": 0}
+    data = {"batch_size": 4, "eval_batch_size": 8, "eval_max_batches": 2}
+    student = {"train": {**train, "max_steps": 3}, "data": data}
+    return load_config(PipelineConfig, base={
+        "preset": "smoke",
+        "store": {"root": "runs/smoke/artifacts"},
+        "world": {"source": TextSource(kind="dir", path=PYTHON_DOCS_DIR, glob=SMOKE_GLOB).model_dump(mode="json"),
+                  "split_fractions": [0.8, 0.1, 0.1], "vocab_size": 512, "seq_len": 64},
+        "teacher": {"model": {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128},
+                    "train": {**train, "max_steps": 6, "lr": 5e-3},
+                    "data": {"batch_size": 8, "eval_batch_size": 8, "eval_max_batches": 2}},
+        "layerwise": student,
+        "cpt": {**student, "lambda_warmup_steps": 2},
+        "kd": student,
+        "lrc": {**student, "rank": 4, "calib_batches": 2},
+        "eval": {"batch_size": 8, "max_batches": 2},
+    })
+
+
+# name -> a function returning the preset's PipelineConfig (its `preset` field must be the same name)
 PRESETS: dict[str, Callable[[], PipelineConfig]] = {
-    "tiny": tiny, SMOLLM2: smollm2_135m, "qwen2.5-0.5b": qwen25_05b, "qwen3-4b": qwen3_4b, "llama-3.1-8b": llama31_8b,
+    "tiny": tiny, "smoke": smoke, SMOLLM2: smollm2_135m, "qwen2.5-0.5b": qwen25_05b, "qwen3-4b": qwen3_4b,
+    "llama-3.1-8b": llama31_8b,
 }
 
 
@@ -292,6 +327,8 @@ def pipeline_config(
     if isinstance(config, PipelineConfig) and not (preset_name or file or sets or root):
         return config
     over = config.model_dump(mode="json") if isinstance(config, PipelineConfig) else dict(config or {})
+    if preset_name and over.get("preset") not in (None, preset_name):
+        raise ConfigError(f"preset {preset_name!r} and config.preset {over['preset']!r} disagree; give one")
     name = preset_name or over.get("preset") or "tiny"
     base = preset(name).model_dump(mode="json")
     overrides = {"store.root": root} if root else {}

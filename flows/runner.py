@@ -2,18 +2,24 @@
 
 :meth:`StageRunner.stage` applies a stage's switch and retries, records its state (a cache hit shows as Prefect's
 ``Cached`` state), re-validates a cached ref against the artifact store (a corrupt or deleted artifact is
-recomputed with ``refresh_cache``), and fails the flow with the stage's error when the task fails.
+recomputed with ``refresh_cache``), and fails the flow with the stage's error when the task fails: the flow run
+ends ``Failed`` with the stage's one-line message (the traceback is in the stage's own log, once).
+
+A retried flow run (``prefect flow-run retry`` after a crash) first marks the task runs its killed attempt left
+``Running`` as ``Crashed``; :class:`~tasks.tracking.Lineage` closes MLflow runs of killed attempts as ``KILLED``.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 
 from bitnet.stages import STAGES
 from flows.config import PipelineConfig, StepOptions
@@ -21,22 +27,44 @@ from flows.report import RunSummary, StageRow, markdown, stage_numbers
 from tasks.artifacts import ArtifactError, ArtifactRef, ArtifactStore
 from tasks.compute import preflight
 from tasks.stages import stage_task
-from tasks.tracking import Lineage
+from tasks.tracking import Lineage, TrackingError
+
+
+class StageFailed(Exception):
+    """A stage ended in a failed state; carries the flow run's final state."""
+
+    def __init__(self, state: State) -> None:
+        super().__init__(state.message)
+        self.state = state
 
 
 class StageRunner:
+    @classmethod
+    def execute(cls, pipeline: Callable[[StageRunner], RunSummary], cfg: PipelineConfig) -> RunSummary | State:
+        """Run ``pipeline`` in this flow run; a failed stage ends the flow run ``Failed`` with its message."""
+        try:
+            return pipeline(cls(cfg.resolved()))
+        except StageFailed as e:
+            return e.state
+        except TrackingError as e:  # tracking.required and no tracking server: refused before any stage
+            get_run_logger().error("%s", e)
+            return Failed(message=str(e), data=e)
+
     def __init__(self, cfg: PipelineConfig) -> None:
         self.cfg = cfg
         self.store = ArtifactStore.from_config(cfg.store)
         self.store.check()
         self.logger = get_run_logger()
+        if (flow_run.run_count or 1) > 1:
+            crash_leftover_task_runs(flow_run.id, self.logger)
         for name in cfg.stage_names():  # missing credentials of a remote backend: fail before any stage runs
             step = cfg.step(name)
             if step.enabled and step.compute.remote:
                 preflight(step.compute, cfg.store)
         self.summary = RunSummary(preset=cfg.preset, flow_run=flow_run.name, root=self.store.root_uri)
         self.lineage = Lineage(cfg.tracking, self.store, cfg.preset, flow_run.id, flow_run.name,
-                               cfg.model_dump(mode="json"), self.logger)
+                               cfg.model_dump(mode="json"), self.logger, attempt=flow_run.run_count or 1,
+                               is_stale=flow_run_is_over)
         self.summary.mlflow = self.lineage.location
 
     def stage(self, name: str, **inputs: ArtifactRef | None) -> ArtifactRef | None:
@@ -50,10 +78,16 @@ class StageRunner:
         if missing := [k for k in st.inputs if inputs.get(k) is None]:
             self.skip(name, step, f"needs {', '.join(missing)}")
             return None
+        stage_cfg = step.stage_config()
+        if st.fingerprint is not None:  # e.g. the world's corpus listing: a bad source is one line, before the task
+            try:
+                st.fingerprint(stage_cfg)
+            except Exception as e:  # noqa: BLE001 — any failure of the source is the stage's failure
+                self.fail(name, f"{name}: {type(e).__name__}: {e}", e)
         t = stage_task.with_options(retries=step.retries, retry_delay_seconds=step.retry_delay_s, task_run_name=name)
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         args: dict[str, Any] = {
-            "name": name, "cfg": step.stage_config(), "inputs": {k: v for k, v in inputs.items() if v is not None},
+            "name": name, "cfg": stage_cfg, "inputs": {k: v for k, v in inputs.items() if v is not None},
             "store": self.cfg.store, "reuse_only": self.cfg.reuse_only and st.reuse_in_eval_only,
             "compute": step.compute,
         }
@@ -62,12 +96,12 @@ class StageRunner:
             state = t.with_options(refresh_cache=True)(**args, return_state=True)
         wall = time.perf_counter() - t0
         if not state.is_completed():
-            self.summary.stages.append(StageRow(stage=name, status="failed", state=state.name, wall_s=wall,
-                                                note=str(state.message or "")[:200]))
-            self.publish()
-            self.lineage.finish(self.summary.model_dump(mode="json"), None, None, failed=True)
-            state.result()  # raises the stage's exception: the flow run fails with it
-            raise RuntimeError(f"stage {name} ended in state {state.name}")
+            try:
+                state.result()
+                error: BaseException = RuntimeError(f"stage {name} ended in state {state.name}")
+            except BaseException as e:  # noqa: BLE001 — the stage's own exception, already logged by its task run
+                error = e
+            self.fail(name, f"{name}: {type(error).__name__}: {error}", error, state=state.name, wall_s=wall)
         ref: ArtifactRef = state.result()
         manifest = self.store.read_manifest(ref)
         loss, ppl = stage_numbers(manifest.metrics)
@@ -79,10 +113,22 @@ class StageRunner:
             note="valid manifest" if reused else "",
         ))
         self.logger.info("%s: %s in %.1f s → %s", name, state.name, wall, ref.uri)
-        self.lineage.stage(name, ref, manifest, cached=cached or reused, wall_s=wall)
+        self.lineage.stage(name, ref, manifest, cached=cached or reused, wall_s=wall, started=started)
         if name == "eval":
             self.summary.evaluation = {k: v for k, v in manifest.metrics.items() if k != "val_ppl"}
         return ref
+
+    def fail(self, name: str, message: str, error: BaseException, state: str | None = None,
+             wall_s: float = 0.0) -> None:
+        """Record stage ``name`` as failed, close the run's lineage, and end the flow run ``Failed`` with
+        ``message`` (raises :class:`StageFailed`; :meth:`execute` turns it into the flow run's state)."""
+        message = " ".join(message.split())
+        self.summary.stages.append(StageRow(stage=name, status="failed", state=state, wall_s=wall_s,
+                                            note=message[:200]))
+        self.publish()
+        self.lineage.finish(self.summary.model_dump(mode="json"), None, None, failed=True)
+        self.logger.error("stage %s failed: %s", name, message)
+        raise StageFailed(Failed(message=f"stage {message}", data=error))
 
     def _still_valid(self, name: str, ref: ArtifactRef) -> bool:
         try:
@@ -120,3 +166,40 @@ class StageRunner:
         self.publish()
         self.lineage.finish(self.summary.model_dump(mode="json"), student, self.summary.gguf)
         return self.summary
+
+
+# ------------------------------------------------------------------------------------------------ crash recovery
+def flow_run_is_over(flow_run_id: str) -> bool:
+    """Whether Prefect holds flow run ``flow_run_id`` in a final state (or not at all): its MLflow run is stale."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
+        except ObjectNotFound:
+            return True
+    return run.state is not None and run.state.is_final()
+
+
+def crash_leftover_task_runs(flow_run_id: str, logger: Any) -> list[str]:
+    """Mark the task runs of flow run ``flow_run_id`` that a killed attempt left in a non-final state ``Crashed``
+    (so the UI does not draw a stage of a retried run as still running). Returns their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.states import Crashed
+
+    done: list[str] = []
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            for tr in runs:
+                if tr.state is not None and not tr.state.is_final():
+                    client.set_task_run_state(tr.id, Crashed(message="its flow run's process was killed"),
+                                              force=True)
+                    done.append(tr.name)
+    except Exception as e:  # noqa: BLE001 — cosmetics of the UI must not stop the run
+        logger.warning("could not mark the killed attempt's task runs as Crashed: %s", e)
+    if done:
+        logger.info("retry: task runs of the killed attempt marked Crashed: %s", ", ".join(done))
+    return done

@@ -1,7 +1,9 @@
 """Training progress of a running stage, reported to Prefect without touching the training code.
 
 The trainer appends a JSON line per logged step to ``OUT/train/metrics.jsonl``; :class:`TrainProgress` tails that
-file from a side thread, logs the loss through the task's Prefect logger and updates a progress artifact.
+file from a side thread, logs the loss through the task's Prefect logger and updates a progress artifact. A stage
+that starts over a checkpoint of a killed attempt logs ``resumed from step N (checkpoint …)`` first, and the step
+the trainer really resumed from (``resumed_from`` in the stage's ``metrics.json``) when it ends.
 """
 
 from __future__ import annotations
@@ -9,11 +11,25 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 from uuid import UUID
+
+CKPT_RE = re.compile(r"^step-(\d{8})$")  # bitnet.trainer's checkpoint directories
+
+
+def latest_checkpoint(train_dir: Path) -> tuple[int, Path] | None:
+    """The newest finished checkpoint under ``train_dir/checkpoints`` (a ``step-N`` directory with its
+    ``trainer.json``), the one the trainer resumes from."""
+    root = train_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in root.iterdir()
+                   if (m := CKPT_RE.match(p.name)) and (p / "trainer.json").is_file())
+    return found[-1] if found else None
 
 
 def last_record(metrics_file: Path) -> dict[str, Any] | None:
@@ -43,6 +59,10 @@ class TrainProgress:
         self._last_step = -1
 
     def __enter__(self) -> TrainProgress:
+        self.resumed = latest_checkpoint(self.metrics_file.parent)
+        if self.resumed is not None:
+            step, path = self.resumed
+            self.logger.info("%s: resumed from step %d/%d (checkpoint %s)", self.stage, step, self.max_steps, path)
         if self.artifact:
             try:
                 from prefect.artifacts import create_progress_artifact
@@ -86,3 +106,17 @@ class TrainProgress:
         if et is None:
             self.poll()
             self._update(100.0)
+            self._report_resume()
+
+    def _report_resume(self) -> None:
+        """Say so when the trainer resumed from another step than announced (e.g. it fell back to an older,
+        intact checkpoint)."""
+        try:
+            metrics = json.loads((self.metrics_file.parent.parent / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        actual = metrics.get("resumed_from")
+        announced = self.resumed[0] if self.resumed else None
+        if actual != announced:
+            where = f"step {actual}" if actual is not None else "step 0 (no usable checkpoint)"
+            self.logger.info("%s: the trainer resumed from %s", self.stage, where)

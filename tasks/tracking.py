@@ -1,14 +1,23 @@
 """MLflow lineage of flow ``bitdistill``: a parent run per flow run, a nested run per stage.
 
-Each stage's nested run carries the stage config as params, the trainer's per-step metrics, the input datasets
-(the world's splits with their content digests, via ``log_inputs``), the manifest and a loss-curve plot as
-artifacts, and tags linking it to its artifact (URI + manifest sha256) and to the runs that produced its
-upstream artifacts. A stage served from a cache still gets a nested run (params, final metrics) tagged
-``bitdistill.cached`` and linked to the run that produced the artifact (``bitdistill.produced_by_run_id``).
-The final student is recorded as an external logged model (its weights stay in the artifact store).
+Params stay few: a run's full config is one ``config.json`` artifact; the params are a handful of key values
+(:data:`KEY_PARAMS`: steps, learning rate, batch size, temperature, rank, ...). Each stage's nested run spans the
+stage's wall time (so MLflow's Duration column is the stage's time, 0 for a cache hit) and carries
+``stage_wall_s`` and ``tokens`` as metrics, the trainer's per-step metrics, the input datasets (the world's splits
+with their content digests, via ``log_inputs``), the manifest and a loss-curve plot as artifacts, and tags linking
+it to its artifact (URI + manifest sha256) and to the runs that produced its upstream artifacts. A stage served
+from a cache still gets a nested run (final metrics) tagged ``bitdistill.cached`` and linked to the run that
+produced the artifact (``bitdistill.produced_by_run_id``). The parent run carries the final evaluation
+(``eval/*``) and the pipeline's wall time. The final student is recorded as an external logged model.
+
+Runs of killed attempts (a SIGKILLed flow run leaves its MLflow runs ``RUNNING``) are closed as ``KILLED`` by the
+next run: the retry of the same flow run, or any later run once Prefect holds the old flow run as final.
 
 Tracking URI: the pipeline's ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else sqlite under the work dir.
-Lineage is secondary to training: an unreachable tracking server logs a warning and the flow goes on.
+Lineage is secondary to training: an HTTP tracking server that does not answer ``/health`` within
+``tracking.connect_timeout_s`` is a warning and the flow goes on without lineage, or, with
+``tracking.required: true``, the run is refused before any stage runs. Later HTTP calls retry at most
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` times (default here 2, about 6 s, instead of MLflow's 7, about 4 min).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +43,17 @@ if TYPE_CHECKING:
 TAG = "bitdistill"
 
 
+# a stage's few params; the whole config is the run's config.json artifact
+KEY_PARAMS = ("pretrained", "tokenizer", "vocab_size", "seq_len", "train.max_steps", "train.lr", "train.warmup_steps",
+              "train.grad_accum", "train.precision", "data.batch_size", "temperature", "alpha", "beta", "gamma",
+              "lambda_warmup_steps", "rank", "split", "max_batches")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # backoff 2 s, 4 s: a dead server costs seconds
+
+
+class TrackingError(RuntimeError):
+    """The tracking server is required (``tracking.required``) and cannot be reached."""
+
+
 class TrackingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +62,34 @@ class TrackingConfig(BaseModel):
         default=None, description="tracking URI; default MLFLOW_TRACKING_URI, else sqlite in the work dir"
     )
     experiment: str = "bitdistill"
+    required: bool = Field(default=False, description="refuse the run when the tracking server cannot be reached "
+                           "(default: warn and run without lineage)")
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="how long an HTTP tracking server may take to "
+                                     "answer /health before it counts as unreachable")
+
+
+def check_reachable(uri: str, timeout_s: float) -> str | None:
+    """``None`` when an HTTP(S) tracking server answers ``GET /health`` within ``timeout_s`` (other URIs are not
+    checked), else why not, in one line."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+            return None if r.status == 200 else f"GET /health answered {r.status}"
+    except urllib.error.HTTPError as e:
+        return f"GET /health answered {e.code}"
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return f"no answer within {timeout_s:g} s ({reason})"
+
+
+def key_params(config: dict[str, Any]) -> dict[str, str]:
+    """The :data:`KEY_PARAMS` present in a stage config, flattened to dotted keys."""
+    flat = flatten(config)
+    return {k: flat[k] for k in KEY_PARAMS if k in flat and flat[k] not in ("None", "null")}
 
 
 def default_tracking_uri(store: ArtifactStore, preset: str) -> tuple[str, str | None]:
@@ -72,30 +121,69 @@ class Lineage:
     """The MLflow side of one flow run (all methods swallow and log tracking errors)."""
 
     def __init__(self, cfg: TrackingConfig, store: ArtifactStore, preset: str, flow_run_id: str | None,
-                 flow_run_name: str | None, params: dict[str, Any], logger: logging.Logger | logging.LoggerAdapter):
+                 flow_run_name: str | None, params: dict[str, Any], logger: logging.Logger | logging.LoggerAdapter,
+                 attempt: int = 1, is_stale: Callable[[str], bool] | None = None):
+        """``attempt``: Prefect's run count of this flow run (2+ after ``prefect flow-run retry``); ``is_stale``:
+        whether another flow run (by id) is over, so that its ``RUNNING`` MLflow runs are leftovers of a kill."""
         self.store, self.logger = store, logger
         self.client: MlflowClient | None = None
         self.parent: str | None = None
         self.stage_runs: dict[str, str] = {}
+        self.started = time.time()
         if not cfg.enabled:
+            return
+        uri, artifact_location = (cfg.uri, None) if cfg.uri else default_tracking_uri(store, preset)
+        self.uri = uri
+        if (why := check_reachable(uri, cfg.connect_timeout_s)) is not None:
+            if cfg.required:
+                raise TrackingError(f"MLflow tracking server {uri} is unreachable: {why} (tracking.required is true)")
+            logger.warning("MLflow tracking disabled for this run: %s is unreachable: %s", uri, why)
             return
         try:
             from mlflow import MlflowClient
 
-            uri, artifact_location = (cfg.uri, None) if cfg.uri else default_tracking_uri(store, preset)
-            self.uri = uri
             self.client = MlflowClient(tracking_uri=uri)
             exp = self.client.get_experiment_by_name(cfg.experiment)
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
                 cfg.experiment, artifact_location=artifact_location)
+            self.close_stale(str(flow_run_id), is_stale)
             run = self.client.create_run(self.experiment_id, run_name=flow_run_name, tags={
                 f"{TAG}.prefect_flow_run_id": str(flow_run_id), f"{TAG}.preset": preset,
-                f"{TAG}.artifact_root": store.root_uri})
+                f"{TAG}.artifact_root": store.root_uri, f"{TAG}.attempt": str(attempt)})
             self.parent = run.info.run_id
-            self._params(self.parent, params)
+            self._config(self.parent, params, {"preset": preset, "store.root": store.root_uri,
+                                               "reuse_only": params.get("reuse_only")})
             logger.info("MLflow: run %s in experiment %r at %s", self.parent, cfg.experiment, uri)
         except Exception as e:  # noqa: BLE001 — lineage must not stop the pipeline
+            if cfg.required:
+                raise TrackingError(f"MLflow tracking at {uri} failed: {' '.join(str(e).split())[:300]}") from e
             self._disable(e)
+
+    def close_stale(self, flow_run_id: str, is_stale: Callable[[str], bool] | None) -> list[str]:
+        """Close the ``RUNNING`` runs that killed flow runs left behind as ``KILLED``: those of this flow run's
+        earlier attempts, and (with ``is_stale``) those of other flow runs that Prefect holds as final."""
+        from mlflow.entities import RunStatus, ViewType
+
+        assert self.client is not None
+        running = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                          run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+        parents = {r.info.run_id: r.data.tags.get(f"{TAG}.prefect_flow_run_id") for r in running
+                   if f"{TAG}.prefect_flow_run_id" in r.data.tags}
+        verdict: dict[str, bool] = {}
+        closed: list[str] = []
+        for run in running:
+            parent = run.data.tags.get("mlflow.parentRunId", run.info.run_id)
+            fr = parents.get(parent) or run.data.tags.get(f"{TAG}.prefect_flow_run_id")
+            if fr is None:
+                continue
+            if fr not in verdict:
+                verdict[fr] = fr == flow_run_id or (is_stale is not None and _safe(is_stale, fr))
+            if verdict[fr]:
+                self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+                closed.append(run.info.run_id)
+        if closed:
+            self.logger.info("MLflow: closed %d run(s) of killed flow runs as KILLED", len(closed))
+        return closed
 
     @property
     def location(self) -> str | None:
@@ -110,20 +198,26 @@ class Lineage:
         self.logger.warning("MLflow tracking disabled for this run: %s", " ".join(str(e).split())[:300])
         self.client = None
 
-    def _params(self, run_id: str, params: dict[str, Any]) -> None:
+    def _config(self, run_id: str, config: dict[str, Any], params: dict[str, Any]) -> None:
+        """The whole config as the artifact ``config.json``, and a few key ``params``."""
         from mlflow.entities import Param
 
         assert self.client is not None
-        items = [Param(k[:250], v[:6000]) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+        items = [Param(k[:250], str(v)[:6000]) for k, v in params.items() if v is not None]
+        if items:
+            self.client.log_batch(run_id, params=items)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2))
+            self.client.log_artifact(run_id, str(Path(tmp) / "config.json"))
 
     # ------------------------------------------------------------------------------------------- stages
-    def stage(self, name: str, ref: ArtifactRef, manifest: Manifest, *, cached: bool, wall_s: float) -> None:
+    def stage(self, name: str, ref: ArtifactRef, manifest: Manifest, *, cached: bool, wall_s: float,
+              started: float | None = None) -> None:
+        """A nested run for stage ``name`` spanning ``started`` (epoch seconds) to ``started + wall_s``."""
         if self.client is None:
             return
         try:
-            self._stage(name, ref, manifest, cached, wall_s)
+            self._stage(name, ref, manifest, cached, wall_s, started if started is not None else time.time() - wall_s)
         except Exception as e:  # noqa: BLE001
             self._disable(e)
 
@@ -135,7 +229,8 @@ class Lineage:
             max_results=1, order_by=["attributes.start_time ASC"])
         return runs[0].info.run_id if runs else None
 
-    def _stage(self, name: str, ref: ArtifactRef, manifest: Manifest, cached: bool, wall_s: float) -> None:
+    def _stage(self, name: str, ref: ArtifactRef, manifest: Manifest, cached: bool, wall_s: float,
+               started: float) -> None:
         from mlflow.entities import Metric, RunStatus
 
         client = self.client
@@ -149,11 +244,13 @@ class Lineage:
                 tags[f"{TAG}.upstream_run.{up_name}"] = up_run
         if cached and (producer := self._producer_run(ref)) is not None:
             tags[f"{TAG}.produced_by_run_id"] = producer
-        run_id = client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        start_ms = int(started * 1000)
+        run_id = client.create_run(self.experiment_id, run_name=name, tags=tags, start_time=start_ms).info.run_id
         self.stage_runs[ref.sha256] = tags.get(f"{TAG}.produced_by_run_id", run_id)
-        self._params(run_id, manifest.config)
+        self._config(run_id, manifest.config, key_params(manifest.config))
         now = int(time.time() * 1000)
-        final = {**_numeric(manifest.metrics), "stage_wall_s": wall_s}
+        final = {**_numeric(manifest.metrics), "stage_wall_s": wall_s,
+                 "tokens": float(manifest.metrics.get("tokens") or 0)}
         metrics = [Metric(k, v, now, 0) for k, v in final.items()]
         history = [] if cached else self._history(ref, manifest)
         for rec in history:
@@ -168,7 +265,7 @@ class Lineage:
                 client.log_artifact(run_id, str(Path(tmp) / "manifest.json"))
                 if history and (png := _loss_curve(name, history, Path(tmp))) is not None:
                     client.log_artifact(run_id, str(png), "plots")
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED), end_time=start_ms + int(wall_s * 1000))
 
     def _history(self, ref: ArtifactRef, manifest: Manifest) -> list[dict[str, Any]]:
         rel = "train/metrics.jsonl"
@@ -210,7 +307,7 @@ class Lineage:
         if self.client is None or self.parent is None:
             return
         try:
-            from mlflow.entities import RunStatus
+            from mlflow.entities import Metric, RunStatus
 
             if student is not None:
                 import mlflow
@@ -222,6 +319,11 @@ class Lineage:
                     model_type="bitnet-student",
                     tags={f"{TAG}.artifact_uri": student.uri, f"{TAG}.manifest_sha256": student.sha256,
                           f"{TAG}.gguf": gguf or ""})
+            now = int(time.time() * 1000)
+            final = {f"eval/{k}": v for k, v in _numeric(summary.get("evaluation") or {}).items()}
+            final["pipeline_wall_s"] = time.time() - self.started
+            final["stages_run"] = float(sum(r.get("status") == "completed" for r in summary.get("stages", [])))
+            self.client.log_batch(self.parent, metrics=[Metric(k, v, now, 0) for k, v in final.items()])
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2))
                 self.client.log_artifact(self.parent, str(Path(tmp) / "summary.json"))
@@ -229,6 +331,13 @@ class Lineage:
             self.client.set_terminated(self.parent, RunStatus.to_string(status))
         except Exception as e:  # noqa: BLE001
             self._disable(e)
+
+
+def _safe(fn: Callable[[str], bool], arg: str) -> bool:
+    try:
+        return fn(arg)
+    except Exception:  # noqa: BLE001 — an unknown verdict leaves the run as it is
+        return False
 
 
 def _loss_curve(stage: str, history: list[dict[str, Any]], out_dir: Path) -> Path | None:
