@@ -23,6 +23,7 @@ def run_command(args: argparse.Namespace) -> int:
     from flows.config import pipeline_config
     from tasks.artifacts import ArtifactError
     from tasks.compute import ComputeError
+    from tasks.tracking import TrackingError
 
     cfg = pipeline_config(None, args.preset, file=args.config, sets=args.set, root=args.root)
     if args.print_config:
@@ -30,7 +31,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     try:
         summary = bitdistill(config=cfg)
-    except (ArtifactError, ComputeError) as e:
+    except (ArtifactError, ComputeError, TrackingError) as e:
         raise CLIError(str(e)) from e
     width = max(len(r.stage) for r in summary.stages)
     for r in summary.stages:
