@@ -1,4 +1,5 @@
-"""GGUF size and llama.cpp speed of BitNet students at real model shapes, against float files and the teacher's own GGUF.
+"""GGUF size and llama.cpp speed of BitNet students at real model shapes, against float files and the teacher's own
+GGUF.
 
 Two presets, each with random weights (speed does not depend on training) at the real widths, head counts, layer count
 and vocabulary:
@@ -50,13 +51,35 @@ from bitnet.export.vocab import vocab_metadata
 from bitnet.export.writer import atomic_gguf_write
 
 PRESETS = {
-    "smollm2": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-                "intermediate_size": 1536, "vocab_size": 49152, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
-                "max_position_embeddings": 8192},
-    "llama1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-                "intermediate_size": 8192, "vocab_size": 128256, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
-                "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+    "smollm2": {
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+    },
+    "llama1b": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "vocab_size": 128256,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
 }
 
 
@@ -102,8 +125,10 @@ def write_float_llama(model: torch.nn.Module, out: Path, tok, qtype: str) -> Pat
         a = w.detach().float().numpy()
         return (a.astype(np.float16), None) if q is None else (gguf.quants.quantize(a, q), q)
 
-    tensors = [(tensor_name(T.TOKEN_EMBD), *mat(model.model.embed_tokens.weight)),
-               (tensor_name(T.OUTPUT_NORM), model.model.norm.weight.detach().float().numpy(), None)]
+    tensors = [
+        (tensor_name(T.TOKEN_EMBD), *mat(model.model.embed_tokens.weight)),
+        (tensor_name(T.OUTPUT_NORM), model.model.norm.weight.detach().float().numpy(), None),
+    ]
     for i, block in enumerate(model.model.layers):
         for path, kind in LAYER_NORMS.items():
             tensors.append((tensor_name(kind, i), block.get_submodule(path).weight.detach().float().numpy(), None))
@@ -159,8 +184,14 @@ def run_rounds(files: list[File], prompt: list[int], decode: list[int], threads:
             check_gguf(f.path)
     for r in range(rounds + 1):  # round 0: warm-up (page-in, thread pools), not recorded
         for f in files if r % 2 == 0 else files[::-1]:
-            llm = llama_cpp.Llama(model_path=str(f.path), n_ctx=len(prompt) + len(decode) + 8, n_threads=threads,
-                                  n_threads_batch=threads, logits_all=False, verbose=False)
+            llm = llama_cpp.Llama(
+                model_path=str(f.path),
+                n_ctx=len(prompt) + len(decode) + 8,
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=False,
+                verbose=False,
+            )
             try:
                 measure(llm, prompt, decode, speeds[f.label] if r else Speed())
             finally:
@@ -175,16 +206,24 @@ def _ratio(a: list[float], b: list[float]) -> float:
 def report(files: list[File], speeds: dict[str, Speed], threads: int, ref: str) -> str:
     sizes = {f.label: f.path.stat().st_size for f in files}
     r = speeds[ref]
-    lines = [f"\n### n_threads={threads}\n",
-             f"| file | matrices | embedding/output | MB | size vs {ref} | pp tok/s | pp vs {ref} | decode tok/s | decode vs {ref} |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\n### n_threads={threads}\n",
+        f"| file | matrices | embedding/output | MB | size vs {ref} | pp tok/s | pp vs {ref} | decode tok/s "
+        f"| decode vs {ref} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for f in files:
         s = speeds[f.label]
-        lines.append(f"| {f.label} | {f.plan} | {f.embedding} | {sizes[f.label] / 1e6:.1f} | {sizes[f.label] / sizes[ref]:.3f} | "
-                     f"{statistics.median(s.pp):.1f} ({max(s.pp):.1f}) | {_ratio(s.pp, r.pp):.2f}× | "
-                     f"{statistics.median(s.tg):.2f} ({max(s.tg):.2f}) | {_ratio(s.tg, r.tg):.2f}× |")
-    lines.append("\nall rounds (pp / decode tok/s): " + "; ".join(
-        f"{lab}: " + ", ".join(f"{a:.1f}/{b:.2f}" for a, b in zip(s.pp, s.tg)) for lab, s in speeds.items()))
+        lines.append(
+            f"| {f.label} | {f.plan} | {f.embedding} | {sizes[f.label] / 1e6:.1f} | "
+            f"{sizes[f.label] / sizes[ref]:.3f} | "
+            f"{statistics.median(s.pp):.1f} ({max(s.pp):.1f}) | {_ratio(s.pp, r.pp):.2f}× | "
+            f"{statistics.median(s.tg):.2f} ({max(s.tg):.2f}) | {_ratio(s.tg, r.tg):.2f}× |"
+        )
+    lines.append(
+        "\nall rounds (pp / decode tok/s): "
+        + "; ".join(f"{lab}: " + ", ".join(f"{a:.1f}/{b:.2f}" for a, b in zip(s.pp, s.tg)) for lab, s in speeds.items())
+    )
     return "\n".join(lines)
 
 
@@ -224,8 +263,14 @@ def build_files(args, out: Path, tok) -> tuple[list[File], str, str]:
     files: list[File] = []
     if args.preset == "smollm2":
         for q in ("f16", "q8_0"):
-            files.append(File(f"teacher {q.upper()}", write_float_llama(model, out / f"teacher-{q}.gguf", tok, q),
-                              q.upper(), q.upper()))
+            files.append(
+                File(
+                    f"teacher {q.upper()}",
+                    write_float_llama(model, out / f"teacher-{q}.gguf", tok, q),
+                    q.upper(),
+                    q.upper(),
+                )
+            )
         if args.teacher_gguf:
             files.append(File("teacher Q4_1 (shipped)", Path(args.teacher_gguf), "Q4_1", "Q4_1 (as shipped)"))
         student = convert_to_bitnet(model, BitNetConfig(subln="standard"))
@@ -238,16 +283,31 @@ def build_files(args, out: Path, tok) -> tuple[list[File], str, str]:
         files.append(File("F16 (same codes)", res.path, "F16", "F16", res.bits_per_ternary_weight))
         ref = "F16 (same codes)"
     for name, fb, emb in variants:
-        res = export_gguf(student, out / f"{name}-{fb}-{emb}.gguf", tokenizer=tok, weight_type="tq2_0", fallback=fb,
-                          embedding_type=emb)
-        files.append(File(f"{name} {res.arch} fallback {fb} emb {emb}", res.path, _plan_summary(res), emb.upper(),
-                          res.bits_per_ternary_weight))
+        res = export_gguf(
+            student,
+            out / f"{name}-{fb}-{emb}.gguf",
+            tokenizer=tok,
+            weight_type="tq2_0",
+            fallback=fb,
+            embedding_type=emb,
+        )
+        files.append(
+            File(
+                f"{name} {res.arch} fallback {fb} emb {emb}",
+                res.path,
+                _plan_summary(res),
+                emb.upper(),
+                res.bits_per_ternary_weight,
+            )
+        )
         if emb == variants[0][2]:
             print(res.plan.table())
     del model, student
     gc.collect()
-    header = (f"model: {args.preset}-shaped, {PRESETS[args.preset]} layers={args.layers or 'all'}; {n_params / 1e6:.0f} M "
-              f"parameters; built and exported in {time.perf_counter() - t0:.0f} s")
+    header = (
+        f"model: {args.preset}-shaped, {PRESETS[args.preset]} layers={args.layers or 'all'}; {n_params / 1e6:.0f} M "
+        f"parameters; built and exported in {time.perf_counter() - t0:.0f} s"
+    )
     return files, ref, header
 
 
@@ -273,17 +333,25 @@ def main(argv: list[str] | None = None) -> int:
         vocab = PRESETS[args.preset]["vocab_size"]
         prompt = rng.integers(1, min(vocab, 49152), size=args.prompt).tolist()
         decode = rng.integers(1, min(vocab, 49152), size=args.decode).tolist()
-        print(f"\n## GGUF size and llama.cpp speed — {platform.machine()}, {os.cpu_count()} CPUs "
-              f"({_cpu_name()}), llama-cpp-python {_llama_version()}, load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"\n## GGUF size and llama.cpp speed — {platform.machine()}, {os.cpu_count()} CPUs "
+            f"({_cpu_name()}), llama-cpp-python {_llama_version()}, load average {os.getloadavg()[0]:.1f}"
+        )
         print(header)
-        print(f"pp: {args.prompt} prompt tokens in one batch; decode: {args.decode} single-token steps; "
-              f"{args.rounds} rounds after a warm-up, file order alternating", flush=True)
+        print(
+            f"pp: {args.prompt} prompt tokens in one batch; decode: {args.decode} single-token steps; "
+            f"{args.rounds} rounds after a warm-up, file order alternating",
+            flush=True,
+        )
         for n in args.threads:
             t0 = time.perf_counter()
             speeds = run_rounds(files, prompt, decode, n, args.rounds)
             print(report(files, speeds, n, ref))
-            print(f"({time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f}; peak RSS "
-                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB)", flush=True)
+            print(
+                f"({time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f}; peak RSS "
+                f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB)",
+                flush=True,
+            )
     return 0
 
 

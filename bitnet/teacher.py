@@ -36,10 +36,13 @@ class TinyTeacherConfig(BaseModel):
     def _gguf_friendly(self) -> TinyTeacherConfig:
         for name in ("hidden_size", "intermediate_size"):
             if getattr(self, name) % GGUF_BLOCK:
-                raise ValueError(f"{name} ({getattr(self, name)}) must be a multiple of {GGUF_BLOCK} for GGUF ternary types")
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) must be a multiple of {GGUF_BLOCK} for GGUF ternary types"
+                )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -49,7 +52,9 @@ class TinyTeacherConfig(BaseModel):
         return self
 
 
-def build_tiny_teacher(cfg: TinyTeacherConfig, vocab_size: int, *, bos_token_id: int, eos_token_id: int) -> LlamaForCausalLM:
+def build_tiny_teacher(
+    cfg: TinyTeacherConfig, vocab_size: int, *, bos_token_id: int, eos_token_id: int
+) -> LlamaForCausalLM:
     """A randomly initialised Llama causal LM with tied embeddings."""
     hf_cfg = LlamaConfig(
         vocab_size=vocab_size,

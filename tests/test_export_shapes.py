@@ -336,7 +336,8 @@ def test_quantized_embedding_is_what_llama_cpp_uses(etype, small_world, tokens, 
         out = llama_logits(llm, tokens.tolist())
     finally:
         llm.close()
-    deq = torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(model.lm_head.weight.shape))
+    deq = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+    deq = torch.from_numpy(deq.reshape(model.lm_head.weight.shape))
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(deq)  # tied: the lm_head too
     act = _q8_0 if etype == "q8_0" else _q8_K

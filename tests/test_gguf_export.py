@@ -52,7 +52,9 @@ def _student(world, *, lrc_rank: int = 0, steps: int = 30) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = TinyTeacherConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, max_position_embeddings=256)
-    model = convert_to_bitnet(build_tiny_teacher(cfg, len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model = convert_to_bitnet(
+        build_tiny_teacher(cfg, len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    )
     train, gen = world.dataset("train"), torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):  # a few STE steps: sharper logits than a random init, so top-1 means something
@@ -82,7 +84,10 @@ def student(small_world):
 def files(student, small_world, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("gguf")
     tok = small_world.tokenizer()
-    return {wt: export_gguf(student, out / f"s-{wt}.gguf", tokenizer=tok, weight_type=wt).path for wt in ("tq2_0", "tq1_0", "f16")}
+    return {
+        wt: export_gguf(student, out / f"s-{wt}.gguf", tokenizer=tok, weight_type=wt).path
+        for wt in ("tq2_0", "tq1_0", "f16")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +122,17 @@ def test_tq2_logits_agree_with_pytorch_student(student, files, held_out) -> None
         llm.close()
     with torch.no_grad():
         ppl_torch = float(torch.exp(student(input_ids=held_out, labels=held_out).loss))
-    print(f"TQ2_0 vs PyTorch: max|Δ| {max_abs:.4f} mean|Δ| {mean_abs:.5f} top-1 {top1:.3f}; ppl {ppl_llama:.3f} vs {ppl_torch:.3f}")
+    print(
+        f"TQ2_0 vs PyTorch: max|Δ| {max_abs:.4f} mean|Δ| {mean_abs:.5f} top-1 {top1:.3f}; "
+        f"ppl {ppl_llama:.3f} vs {ppl_torch:.3f}"
+    )
     assert max_abs <= MAX_ABS_TOL and mean_abs <= MEAN_ABS_TOL and top1 >= MIN_TOP1
     assert ppl_llama == pytest.approx(ppl_torch, rel=1e-3)
 
 
 def _reference_activations(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    """Make every BitLinear compute ``Δ·codes`` on activations quantized per 256-block (as llama.cpp's Q8_K) or not at all
+    """Make every BitLinear compute ``Δ·codes`` on activations quantized per 256-block (as llama.cpp's Q8_K) or not at
+    all
     (as llama.cpp's F16 matmul), instead of the student's per-token int8."""
 
     def forward(self: BitLinear, x: torch.Tensor) -> torch.Tensor:
@@ -150,9 +159,17 @@ def test_export_is_exact_up_to_the_activation_block_size(small_world, held_out, 
     The per-token student quantizes every position differently: most positions differ by more than 1e-3."""
     tok = small_world.tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=256, initializer_range=0.1)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+    )
     model = convert_to_bitnet(AutoModelForCausalLM.from_config(cfg)).eval()
     path = export_gguf(model, tmp_path / "r.gguf", tokenizer=tok, embedding_type="f32").path
     llm = _llama(path, f32_kv_cache=True)
@@ -165,8 +182,10 @@ def test_export_is_exact_up_to_the_activation_block_size(small_world, held_out, 
     block = _torch_logits(model, held_out)
     err_block = np.abs(out - block).reshape(-1, out.shape[-1]).max(-1)  # max |Δlogit| per position
     err_token = np.abs(out - per_token).reshape(-1, out.shape[-1]).max(-1)
-    print(f"per-256-block float64 reference: positions > 1e-3: {(err_block > 1e-3).mean():.3f}, median max|Δ| "
-          f"{np.median(err_block):.2e}; per-token: positions > 1e-3: {(err_token > 1e-3).mean():.3f}")
+    print(
+        f"per-256-block float64 reference: positions > 1e-3: {(err_block > 1e-3).mean():.3f}, median max|Δ| "
+        f"{np.median(err_block):.2e}; per-token: positions > 1e-3: {(err_token > 1e-3).mean():.3f}"
+    )
     assert (err_block > 1e-3).mean() <= 0.10 and np.median(err_block) <= 1e-3
     assert (err_token > 1e-3).mean() >= 0.5
 
@@ -184,7 +203,9 @@ def test_tq1_and_f16_exports_load_and_agree(student, files, held_out, monkeypatc
     # the F16 file computes Δ·codes on unquantized activations: compare with the student minus activation quantization
     _reference_activations(monkeypatch, "none")
     max_abs, mean_abs, top1 = _agreement(logits["f16"], _torch_logits(student, held_out))
-    print(f"F16 vs PyTorch without activation quantization: max|Δ| {max_abs:.4f} mean|Δ| {mean_abs:.5f} top-1 {top1:.3f}")
+    print(
+        f"F16 vs PyTorch without activation quantization: max|Δ| {max_abs:.4f} mean|Δ| {mean_abs:.5f} top-1 {top1:.3f}"
+    )
     assert max_abs <= MAX_ABS_TOL and mean_abs <= MEAN_ABS_TOL and top1 >= MIN_TOP1
     sizes = {wt: p.stat().st_size for wt, p in files.items()}
     assert sizes["tq1_0"] < sizes["tq2_0"] < sizes["f16"]
@@ -209,7 +230,9 @@ def test_tokenizer_and_greedy_generation_match(student, files, small_world, held
     llm = _llama(files["tq2_0"])
     try:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text, add_special_tokens=False)
-        assert llm.tokenize(text.encode(), add_bos=True) == tok.encode(text)  # the HF tokenizer adds no BOS: neither does the GGUF
+        assert llm.tokenize(text.encode(), add_bos=True) == tok.encode(
+            text
+        )  # the HF tokenizer adds no BOS: neither does the GGUF
         prompt = held_out[0, :24].tolist()
         generated = []
         for t in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
@@ -222,7 +245,7 @@ def test_tokenizer_and_greedy_generation_match(student, files, small_world, held
     with torch.no_grad():
         for _ in range(8):
             ids = torch.cat([ids, student(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
-    assert generated == ids[0, len(prompt):].tolist()
+    assert generated == ids[0, len(prompt) :].tolist()
 
 
 def test_lrc_adapter_is_applied_by_llama_cpp(small_world, held_out, tmp_path) -> None:
@@ -249,7 +272,7 @@ def test_embedding_rows_beyond_the_tokenizer_become_unused_tokens(small_world, t
     model = convert_to_bitnet(build_tiny_teacher(cfg, len(tok) + 64, bos_token_id=0, eos_token_id=0))
     path = export_gguf(model, tmp_path / "pad.gguf", tokenizer=tok).path
     types = read_gguf_checked(path).get_field("tokenizer.ggml.token_type").contents()
-    assert len(types) == len(tok) + 64 and set(types[len(tok):]) == {int(gguf.TokenType.UNUSED)}
+    assert len(types) == len(tok) + 64 and set(types[len(tok) :]) == {int(gguf.TokenType.UNUSED)}
     assert types[tok.eos_token_id] == int(gguf.TokenType.CONTROL)
     llm = _llama(path)
     try:
@@ -290,7 +313,7 @@ def test_checksum_covers_metadata_and_its_own_key(files, tmp_path) -> None:
     # a changed metadata value: rms eps 1e-6 → 0.5 (llama.cpp would load it and compute garbage)
     off, size = _field_value_offset(good, "bitnet.attention.layer_norm_rms_epsilon")
     data = bytearray(good.read_bytes())
-    data[off:off + size] = np.array([0.5], dtype=np.float32).tobytes()
+    data[off : off + size] = np.array([0.5], dtype=np.float32).tobytes()
     (tmp_path / "eps.gguf").write_bytes(bytes(data))
     assert gguf.GGUFReader(tmp_path / "eps.gguf").get_field("bitnet.attention.layer_norm_rms_epsilon").contents() == 0.5
     with pytest.raises(GGUFFormatError, match="corrupted"):
@@ -322,8 +345,15 @@ def test_foreign_gguf_is_read_with_a_warning_never_as_checked(tmp_path) -> None:
 
 
 def _odd_dims() -> torch.nn.Module:
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     return convert_to_bitnet(AutoModelForCausalLM.from_config(cfg))
 
 
@@ -333,7 +363,9 @@ def _q6k_odd_width(world, tmp_path):
 
 def _untied(world) -> torch.nn.Module:
     tok = world.tokenizer()
-    m = build_tiny_teacher(TinyTeacherConfig(intermediate_size=256, num_hidden_layers=1), len(tok), bos_token_id=0, eos_token_id=0)
+    m = build_tiny_teacher(
+        TinyTeacherConfig(intermediate_size=256, num_hidden_layers=1), len(tok), bos_token_id=0, eos_token_id=0
+    )
     m.config.tie_word_embeddings = False
     m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone() + 1.0)
     return convert_to_bitnet(m)
@@ -432,8 +464,23 @@ def test_cli_export_and_serve(student, small_world, tmp_path, capsys) -> None:
     log = tmp_path / "server.log"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bitnet.cli", "serve", str(gguf_path), "--host", "127.0.0.1", "--port", str(port), "--threads", "1"],
-            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "bitnet.cli",
+                "serve",
+                str(gguf_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--threads",
+                "1",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -448,7 +495,9 @@ def test_cli_export_and_serve(student, small_world, tmp_path, capsys) -> None:
                 assert time.monotonic() < deadline, "server did not come up in 60 s"
                 time.sleep(0.3)
         assert models["data"][0]["id"] == "s"
-        answer = _post(f"{base}/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0.0, "repeat_penalty": 1.0})
+        answer = _post(
+            f"{base}/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0.0, "repeat_penalty": 1.0}
+        )
         assert answer["object"] == "text_completion"
         assert answer["choices"][0]["text"] == expected and answer["usage"]["completion_tokens"] >= 1
     finally:

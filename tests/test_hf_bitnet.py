@@ -68,7 +68,9 @@ def _transformers_order(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(BitLinear, "quantized_forward", forward)
 
 
-def test_stock_transformers_loads_the_checkpoint_with_matching_logits(student, hf_dir, small_world, monkeypatch) -> None:
+def test_stock_transformers_loads_the_checkpoint_with_matching_logits(
+    student, hf_dir, small_world, monkeypatch
+) -> None:
     from transformers.integrations.bitnet import BitLinear as HFBitLinear
     from transformers.integrations.bitnet import unpack_weights
 
@@ -87,7 +89,10 @@ def test_stock_transformers_loads_the_checkpoint_with_matching_logits(student, h
     a, b = _logits(student, ids), _logits(model, ids)
     d = (a - b).abs()
     top1 = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-    print(f"transformers bitnet vs student: max|Δ| {d.max():.4f} mean|Δ| {d.mean():.5f} top-1 {top1:.3f} (std {a.std():.2f})")
+    print(
+        f"transformers bitnet vs student: max|Δ| {d.max():.4f} mean|Δ| {d.mean():.5f} top-1 {top1:.3f} "
+        f"(std {a.std():.2f})"
+    )
     assert d.max() <= MAX_ABS_TOL and d.mean() <= MEAN_ABS_TOL and top1 >= MIN_TOP1
 
     _transformers_order(monkeypatch)  # same formula, same float order: the two models are the same function
@@ -125,8 +130,19 @@ def test_cli_export_writes_the_hf_checkpoint_too(student, small_world, tmp_path)
     from flows.cli import main
 
     save_student(student, tmp_path / "student")  # no tokenizer in the student dir: --tokenizer names the world's
-    rc = main(["export", "--student", str(tmp_path / "student"), "--out", str(tmp_path / "s.gguf"),
-               "--tokenizer", str(small_world.tokenizer_dir), "--hf-out", str(tmp_path / "hf")])
+    rc = main(
+        [
+            "export",
+            "--student",
+            str(tmp_path / "student"),
+            "--out",
+            str(tmp_path / "s.gguf"),
+            "--tokenizer",
+            str(small_world.tokenizer_dir),
+            "--hf-out",
+            str(tmp_path / "hf"),
+        ]
+    )
     assert rc == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "tokenizer.json").is_file() and (tmp_path / "s.gguf").is_file()

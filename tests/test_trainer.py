@@ -116,7 +116,9 @@ def test_checkpoints_are_safetensors_and_json(small_world, tmp_path: Path) -> No
     opt = load_file(str(tmp_path / "checkpoints" / ckpts[0] / "optimizer.safetensors"))
     assert any(k.endswith("exp_avg_sq") for k in opt)
     # a finished run restarted is a no-op that reports where it resumed
-    again = Trainer(tiny_lm(small_world.info["vocab_size"]), BlockLoader(small_world.dataset("train"), 2), cfg, tmp_path)
+    again = Trainer(
+        tiny_lm(small_world.info["vocab_size"]), BlockLoader(small_world.dataset("train"), 2), cfg, tmp_path
+    )
     result = again.fit()
     assert result.resumed_from == 4 and result.steps == 4
     for k, v in model.state_dict().items():
@@ -129,7 +131,9 @@ def test_checkpoint_from_another_model_is_rejected(small_world, tmp_path: Path) 
     Trainer(tiny_lm(small_world.info["vocab_size"]), loader, cfg, tmp_path).fit()
     other = tiny_lm(small_world.info["vocab_size"], layers=2)
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        Trainer(other, BlockLoader(small_world.dataset("train"), 2), cfg.model_copy(update={"max_steps": 4}), tmp_path).fit()
+        Trainer(
+            other, BlockLoader(small_world.dataset("train"), 2), cfg.model_copy(update={"max_steps": 4}), tmp_path
+        ).fit()
 
 
 def test_exact_resume_after_sigkill(small_world, tmp_path: Path) -> None:
@@ -137,8 +141,13 @@ def test_exact_resume_after_sigkill(small_world, tmp_path: Path) -> None:
     run_script(small_world.root, tmp_path / "straight", *steps)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(small_world.root), str(killed), *steps, "--sleep", "0.4"],
-                            env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(small_world.root), str(killed), *steps, "--sleep", "0.4"],
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     target = killed / "checkpoints" / "step-00000004"
     deadline = time.time() + 240
     try:
@@ -170,8 +179,9 @@ def test_exact_resume_after_sigkill(small_world, tmp_path: Path) -> None:
 
 
 def test_ddp_two_processes_match_single_process(small_world, tmp_path: Path) -> None:
-    out = run_script(small_world.root, tmp_path / "ddp", "--steps", "4", "--batch-size", "2", "--ckpt-every", "2",
-                     torchrun=True)
+    out = run_script(
+        small_world.root, tmp_path / "ddp", "--steps", "4", "--batch-size", "2", "--ckpt-every", "2", torchrun=True
+    )
     assert "RESULT steps=4" in out
     run_script(small_world.root, tmp_path / "single", "--steps", "4", "--batch-size", "4")
     ddp = load_file(str(tmp_path / "ddp" / "final.safetensors"))
@@ -186,8 +196,13 @@ def test_ddp_two_processes_match_single_process(small_world, tmp_path: Path) -> 
 # ---------------------------------------------------------------------- issue 14: checkpoints that can be trusted
 def _four_steps(small_world, out: Path, identity: dict[str, str] | None = None, **kw) -> tuple[Trainer, object]:
     cfg = TrainConfig(max_steps=4, ckpt_every=2, keep_checkpoints=2, progress=False, **kw)
-    trainer = Trainer(tiny_lm(small_world.info["vocab_size"]), BlockLoader(small_world.dataset("train"), 2), cfg, out,
-                      identity=identity)
+    trainer = Trainer(
+        tiny_lm(small_world.info["vocab_size"]),
+        BlockLoader(small_world.dataset("train"), 2),
+        cfg,
+        out,
+        identity=identity,
+    )
     return trainer, trainer.fit()
 
 
@@ -244,8 +259,12 @@ def test_checkpoint_with_non_finite_weights_is_skipped_and_nan_model_refused(sma
     model = tiny_lm(small_world.info["vocab_size"])
     with torch.no_grad():
         model.model.norm.weight[0] = float("inf")
-    trainer = Trainer(model, BlockLoader(small_world.dataset("train"), 2),
-                      TrainConfig(max_steps=2, ckpt_every=1, progress=False), tmp_path / "nan")
+    trainer = Trainer(
+        model,
+        BlockLoader(small_world.dataset("train"), 2),
+        TrainConfig(max_steps=2, ckpt_every=1, progress=False),
+        tmp_path / "nan",
+    )
     with pytest.raises(NonFiniteLossError, match="non-finite values in model.norm.weight"):
         trainer.fit()
     assert not (tmp_path / "nan" / "checkpoints").exists()
@@ -265,6 +284,7 @@ def test_checkpoints_of_another_run_are_refused(small_world, tmp_path: Path) -> 
 
 def test_two_step_run_with_longer_default_warmup(small_world, tmp_path: Path) -> None:
     cfg = TrainConfig(max_steps=2, warmup_steps=15, progress=False, log_every=1)
-    result = Trainer(tiny_lm(small_world.info["vocab_size"]), BlockLoader(small_world.dataset("train"), 2), cfg,
-                     tmp_path).fit()
+    result = Trainer(
+        tiny_lm(small_world.info["vocab_size"]), BlockLoader(small_world.dataset("train"), 2), cfg, tmp_path
+    ).fit()
     assert result.steps == 2 and [r["lr"] for r in result.history] == pytest.approx([1.5e-4, 3e-4])

@@ -84,7 +84,9 @@ def check_hf_bitnet(model: nn.Module) -> None:
             if layer.out_features % 4:
                 raise _unsupported(f"{name}: out_features {layer.out_features} is not a multiple of 4 (2-bit packing)")
             if layer.sub_norm is not None and abs(layer.sub_norm.eps - cfg.rms_norm_eps) > 1e-12:
-                raise _unsupported(f"{name}: SubLN eps {layer.sub_norm.eps} differs from rms_norm_eps {cfg.rms_norm_eps}")
+                raise _unsupported(
+                    f"{name}: SubLN eps {layer.sub_norm.eps} differs from rms_norm_eps {cfg.rms_norm_eps}"
+                )
     if getattr(model, "lm_head", None) is not None and model.lm_head.bias is not None:
         raise _unsupported("lm_head has a bias")
 
@@ -144,9 +146,7 @@ def hf_bitnet_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_hf_bitnet(
-    model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None
-) -> Path:
+def save_hf_bitnet(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
     """Write ``model`` (a standard-SubLN student at λ = 1) as a checkpoint stock transformers loads exactly.
 
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` gives ``BitNetForCausalLM`` with the same logits as the student

@@ -101,7 +101,9 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     low = low.reshape(nb, 2, 2, 64)
     ql = (low[:, :, 0, :] | (low[:, :, 1, :] << np.uint8(4))).reshape(nb, 128)
     high = high.reshape(nb, 2, 4, 32)
-    qh = high[:, :, 0] | (high[:, :, 1] << np.uint8(2)) | (high[:, :, 2] << np.uint8(4)) | (high[:, :, 3] << np.uint8(6))
+    qh = (
+        high[:, :, 0] | (high[:, :, 1] << np.uint8(2)) | (high[:, :, 2] << np.uint8(4)) | (high[:, :, 3] << np.uint8(6))
+    )
     d_bytes = d16.astype(np.float16).view(np.uint8).reshape(nb, 2)
     out = np.concatenate([ql, qh.reshape(nb, 64), sc.view(np.uint8), d_bytes], axis=1)
     return out.reshape(rows, -1)

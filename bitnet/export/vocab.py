@@ -81,7 +81,9 @@ def _adds(tokenizer: PreTrainedTokenizerBase) -> tuple[bool, bool]:
     return add_bos, add_eos
 
 
-def vocab_metadata(tokenizer: PreTrainedTokenizerBase, n_vocab: int, *, tokenizer_pre: str | None = None) -> VocabMetadata:
+def vocab_metadata(
+    tokenizer: PreTrainedTokenizerBase, n_vocab: int, *, tokenizer_pre: str | None = None
+) -> VocabMetadata:
     """Token list (padded to the embedding's ``n_vocab`` rows), types, merges and special ids."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -114,4 +116,6 @@ def vocab_metadata(tokenizer: PreTrainedTokenizerBase, n_vocab: int, *, tokenize
     add_bos, add_eos = _adds(tokenizer)
     special.add_special_token["bos"] = add_bos
     special.add_special_token["eos"] = add_eos
-    return VocabMetadata(tokens=tokens, token_types=[int(t) for t in types], pre=pre, special=special, n_real=len(vocab))
+    return VocabMetadata(
+        tokens=tokens, token_types=[int(t) for t in types], pre=pre, special=special, n_real=len(vocab)
+    )
