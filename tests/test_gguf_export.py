@@ -132,8 +132,7 @@ def test_tq2_logits_agree_with_pytorch_student(student, files, held_out) -> None
 
 def _reference_activations(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """Make every BitLinear compute ``Δ·codes`` on activations quantized per 256-block (as llama.cpp's Q8_K) or not at
-    all
-    (as llama.cpp's F16 matmul), instead of the student's per-token int8."""
+    all (as llama.cpp's F16 matmul), instead of the student's per-token int8."""
 
     def forward(self: BitLinear, x: torch.Tensor) -> torch.Tensor:
         if mode == "block256":
