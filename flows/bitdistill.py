@@ -1,4 +1,4 @@
-"""Flow ``bitdistill``: world → teacher → convert → layer-wise → CPT → KD → LRC → GGUF export → eval.
+"""Flow ``bitdistill``: world → teacher → convert → layer-wise → CPT → KD → LRC → eval → GGUF export.
 
 Every stage runs through one cached Prefect task (``tasks/stages.py``), wired here by name: a second run with the
 same config finishes with every stage ``Cached``; changing one stage's config or the ``bitnet/`` code it imports
@@ -34,8 +34,9 @@ def pipeline(run: StageRunner) -> RunSummary:
     student = naive = run.stage("convert", teacher=teacher)
     for name in STUDENT_STAGES:
         student = run.stage(name, student=student, teacher=teacher, world=world) or student
-    gguf = run.stage("export", student=student)
+    # eval first: it reads only the PyTorch student, and a student whose shape no GGUF graph takes is still measured
     run.stage("eval", student=student, naive=naive, teacher=teacher, world=world)
+    gguf = run.stage("export", student=student)
     return run.finish(student, gguf)
 
 
