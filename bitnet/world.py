@@ -187,13 +187,17 @@ def check_tokenizer_matches(world: World, model_dir: str | Path, what: str = "te
     """Refuse a world tokenized with another tokenizer than the model's (even at equal vocab size): the token ids
     would silently mean other strings. A model directory without a tokenizer cannot be checked (a warning)."""
     d = Path(model_dir)
-    if not d.is_dir() or not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if d.is_dir() and not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         log.warning("%s %s has no tokenizer files: cannot check that the world %s uses its tokenizer",
                     what, model_dir, world.root)
         return
     try:
-        theirs = tokenizer_digest(AutoTokenizer.from_pretrained(str(d)))
+        theirs = tokenizer_digest(AutoTokenizer.from_pretrained(str(model_dir)))
     except (OSError, ValueError) as e:
+        if not d.exists():  # a hub id whose tokenizer cannot be fetched here: the model load will say more
+            log.warning("cannot load the %s's tokenizer %s to check the world against it: %s", what, model_dir,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return
         raise DataError(f"cannot load the {what}'s tokenizer from {d}: {str(e).splitlines()[0]}") from e
     if theirs != world_tokenizer_digest(world):
         raise DataError(f"the world {world.root} was tokenized with another tokenizer than the {what}'s ({d}): "

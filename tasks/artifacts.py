@@ -125,13 +125,17 @@ _SECRET_WORDS = ("secret", "password", "passwd", "token", "credential", "private
                  "account_key", "sas", "auth", "session")
 
 
+_NOT_SECRETS = ("anon", "google_default", "cloud", "browser", "cache")  # e.g. gcsfs token= modes, not credentials
+
+
 def secret_keys(options: Any, prefix: str = "") -> list[str]:
     """Keys of (nested) ``options`` that look like credentials (``key``, ``secret``, ``token``, ...)."""
     found: list[str] = []
     if isinstance(options, dict):
         for k, v in options.items():
             name = str(k).lower().replace("-", "_")
-            if name in ("key", "pass", "pwd") or any(w in name for w in _SECRET_WORDS):
+            harmless = v is None or isinstance(v, bool) or (isinstance(v, str) and v in _NOT_SECRETS)
+            if not harmless and (name in ("key", "pass", "pwd") or any(w in name for w in _SECRET_WORDS)):
                 found.append(prefix + str(k))
             found += secret_keys(v, f"{prefix}{k}.")
     return found

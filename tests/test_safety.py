@@ -353,6 +353,7 @@ def test_secret_looking_storage_options_are_refused() -> None:
     from tasks.artifacts import StoreConfig
 
     StoreConfig(root="s3://b/r", storage_options={"endpoint_url": "http://127.0.0.1:9000", "anon": False})
+    StoreConfig(root="gs://b/r", storage_options={"token": "google_default", "project": "p"})
     for opts in ({"key": "AKIA", "secret": "s"}, {"client_kwargs": {"aws_secret_access_key": "s"}},
                  {"token": "t"}, {"password": "p"}):
         with pytest.raises(ValidationError, match="must not hold credentials"):

@@ -221,7 +221,7 @@ def test_select_then_train_a_stage_on_the_selection(teacher_and_student, small_w
 
     subset = PackedDataset(sel)
     assert subset.num_blocks == 16 and subset.meta["subset"]["source_digest"] == small_world.dataset("train").digest
-    stats = json.loads((tmp_path / "selected.selection.json").read_text())
+    stats = json.loads((sel / "selection.json").read_text())
     assert stats["n_candidates"] == 64 and stats["score_kept_mean"] > stats["score_mean"]
     data = StageData(batch_size=4, eval_batch_size=8, eval_max_batches=2, train_data=str(sel))
     m = run_student_stage(CPTConfig(lambda_warmup_steps=0, train=short(2), data=data), student, teacher,
