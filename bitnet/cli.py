@@ -220,6 +220,16 @@ def check_replaceable_file(path: Path, flag: str, same_kind: Any, kind: str) -> 
         raise CLIError(f"{flag} {path} is a directory; name the output file")
     if path.exists() and not same_kind(path):
         raise CLIError(f"refusing to overwrite {path} with {flag}: it exists and is not {kind}")
+    check_writable_dir(path.parent)
+
+
+def check_writable_dir(d: Path) -> None:
+    """Create ``d`` and a probe file in it: an unwritable output location fails before the work, not after."""
+    import tempfile
+
+    d.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=d, prefix=".bitdistill-probe-"):
+        pass
 
 
 def _world_summary(info: dict[str, Any]) -> dict[str, Any]:

@@ -110,6 +110,7 @@ def _compute(
     fetch_lock: Callable[[], AbstractContextManager[Any]],
     before_compute: Callable[[ArtifactStore, Path], AbstractContextManager[Any]] | None,
 ) -> ArtifactRef | None:
+    from bitnet.stages.outputs import forget_output
     from bitnet.stages.registry import run_stage
 
     if commit:
@@ -117,6 +118,8 @@ def _compute(
     with fetch_lock():
         local = {name: store.fetch(ref) for name, ref in req.upstream.items()}
     work = store.work_dir(req.stage, req.key)
+    if commit:  # the store, not the directory, says what is done: no valid manifest → recompute (resuming)
+        forget_output(work)
     logger.info("%s: computing into %s", req.stage, work)
     with before_compute(store, work) if before_compute else contextlib.nullcontext():
         train = getattr(cfg, "train", None)
