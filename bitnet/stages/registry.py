@@ -62,7 +62,8 @@ def run_stage(name: str, cfg: BaseModel, inputs: Inputs, out: str | Path) -> dic
             write_json_atomic(out / "metrics.json", metrics)
             write_record(out, name, identity, finished=True)
             return metrics
-        with atomic_dir(out, marker=STAGE_RECORD) as tmp:
+        legacy_world = name == "world" and not (out / STAGE_RECORD).exists()  # claimed: a world without a record
+        with atomic_dir(out, marker="world.json" if legacy_world else STAGE_RECORD) as tmp:
             metrics = finite(st.run(cfg, local, tmp))
             write_json_atomic(tmp / "metrics.json", metrics)
             write_record(tmp, name, identity, finished=True)
