@@ -53,8 +53,10 @@ def cmd_world_build(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"vocab_size": args.vocab_size, "seq_len": args.seq_len, "tokenizer": args.tokenizer}
     if args.source_dir:
         overrides["source"] = {"kind": "dir", "path": args.source_dir, "glob": args.glob}
-    if args.force:  # the world build reuses a world whose world.json matches; forget it
-        (Path(args.out) / "world.json").unlink(missing_ok=True)
+    if args.force:  # a finished world of the same config is reused; forget that it is finished (it stays in place
+        from bitnet.stages.outputs import forget_output  # until the new one replaces it)
+
+        forget_output(Path(args.out))
     metrics = run_stage_command("world", args, {}, _source_override(overrides))
     print(json.dumps({"world": str(args.out), **_world_summary(metrics)}, indent=2))
     return 0
@@ -124,9 +126,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.out:
         raise CLIError("export needs --out FILE.gguf (or --plan)")
     out = Path(args.out)
-    if out.suffix != ".gguf":
-        raise CLIError(f"--out must name a .gguf file, got {out}")
+    if out.suffix != ".gguf" or out.is_dir():
+        raise CLIError(f"--out must name a .gguf file, got {'the directory ' if out.is_dir() else ''}{out}")
     lora_out = Path(args.lora_out) if args.lora_out else out.with_name(out.stem + ".lrc.gguf")
+    for flag, path in (("--out", out), ("--lora-out", lora_out)):
+        check_replaceable_file(path, flag, is_gguf, "a GGUF file")
     result = export_gguf(student, out, tokenizer=args.tokenizer, tokenizer_pre=args.tokenizer_pre, lora_out=lora_out,
                          **options)
     summary = {
@@ -180,6 +184,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for flag, file in (("--gguf", args.gguf), ("--lora", args.lora)):
         if file and not Path(file).is_file():
             raise CLIError(f"{flag} file {file} does not exist")
+    if args.out:  # before the (long) evaluation, not after
+        check_replaceable_file(Path(args.out), "--out", is_results_json, "an eval results JSON")
     world = open_world(args.world)
     model = load_model_for_eval(args.model)
     model_dir = Path(args.model)
@@ -190,10 +196,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate_model(model, tokenizer, world.dataset(cfg.split), eval_dir / f"data-{cfg.split}", cfg,
                              name=str(args.model), gguf=args.gguf, lora=args.lora)
     out = Path(args.out) if args.out else eval_dir / f"results-{model_dir.name or 'model'}.json"
+    check_replaceable_file(out, "--out", is_results_json, "an eval results JSON")
     write_results(results, out)
     print(results.table())
     print(f"results: {out}")
     return 0
+
+
+def is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def is_results_json(path: Path) -> bool:
+    """A file ``write_results`` wrote (its four top-level keys)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"model", "perplexity", "tasks", "info"} <= set(obj)
+
+
+def check_replaceable_file(path: Path, flag: str, same_kind: Any, kind: str) -> None:
+    """An output file may replace only an earlier output of its own kind, never a directory or another file."""
+    if path.is_dir():
+        raise CLIError(f"{flag} {path} is a directory; name the output file")
+    if path.exists() and not same_kind(path):
+        raise CLIError(f"refusing to overwrite {path} with {flag}: it exists and is not {kind}")
+    check_writable_dir(path.parent)
+
+
+def check_writable_dir(d: Path) -> None:
+    """Create ``d`` and a probe file in it: an unwritable output location fails before the work, not after."""
+    import tempfile
+
+    d.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=d, prefix=".bitdistill-probe-"):
+        pass
 
 
 def _world_summary(info: dict[str, Any]) -> dict[str, Any]:
@@ -362,16 +401,33 @@ def run_parsed(args: argparse.Namespace) -> int:
     """Run a parsed command; known errors become one line on stderr and exit code 2."""
     from bitnet.convert import UnsupportedArchitectureError
     from bitnet.data import DataError
+    from bitnet.io import LockBusyError
     from bitnet.student import CheckpointError
     from bitnet.trainer import NonFiniteLossError
 
     try:
         return args.func(args)
     except (CLIError, DataError, CheckpointError, UnsupportedArchitectureError, NonFiniteLossError,
-            FileNotFoundError, FileExistsError, ValueError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"bitdistill: error: {message}", file=sys.stderr)
-        return 2
+            FileNotFoundError, FileExistsError, ValueError, LockBusyError) as e:
+        return _one_line(str(e) or type(e).__name__)
+    except OSError as e:  # a read-only or full output location, a permission problem: no traceback
+        return _one_line(os_error_message(e))
+
+
+def os_error_message(e: OSError) -> str:
+    """``[Errno 30] Read-only file system: 'x'`` → ``cannot write x: read-only file system``."""
+    import errno
+
+    what = e.filename or ""
+    reason = (e.strerror or str(e)).lower()
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write {what}: {reason}" if what else f"cannot write the output: {reason}"
+    return f"{what}: {reason}" if what else str(e)
+
+
+def _one_line(message: str) -> int:
+    print(f"bitdistill: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -94,14 +94,36 @@ def load_teacher(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -
         assert source.path is not None
         return load_gguf_model(source.path, dtype=dtype)
     local = Path(name_or_path)
-    if local.exists() and not (local / "config.json").is_file():
-        raise FileNotFoundError(f"{local} is not a Hugging Face model directory (config.json missing)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+    if local.exists():
+        check_model_dir(local)
+    try:  # safetensors only: a pickle checkpoint (pytorch_model.bin) is never unpickled
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, use_safetensors=True)
     except OSError as e:
         raise FileNotFoundError(f"cannot load teacher {str(name_or_path)!r}: {str(e).splitlines()[0]}") from e
     model.eval()
     return model
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_model_dir(path: str | Path) -> None:
+    """A local HF model directory we can load safely: ``config.json`` and intact safetensors weights. Pickle-only
+    checkpoints (``pytorch_model.bin``) are refused, never unpickled; truncated safetensors files are named."""
+    from bitnet.io import safetensors_header
+
+    d = Path(path)
+    if not d.is_dir() or not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d} is not a Hugging Face model directory (config.json missing)")
+    weights = sorted(d.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(f"{d} holds only pickle weights ({', '.join(pickles)}): bitdistill never unpickles "
+                             "checkpoints; save the model with safetensors (save_pretrained(safe_serialization=True))")
+        raise FileNotFoundError(f"{d} has no *.safetensors weights")
+    for w in weights:
+        safetensors_header(w)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -14,6 +14,7 @@ A world directory whose ``world.json`` matches the config and corpus digest is r
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,10 @@ from bitnet.data import (
 )
 from bitnet.data.baseline import unigram_perplexity
 from bitnet.data.corpus import clean_rst, python_docs_source
-from bitnet.data.tokenizer import TOKENIZER_MARKER
-from bitnet.io import atomic_dir, sha256_json, write_json_atomic
+from bitnet.data.tokenizer import TOKENIZER_MARKER, tokenizer_digest
+from bitnet.io import atomic_dir, check_replaceable, sha256_json, write_json_atomic
+
+log = logging.getLogger("bitdistill.world")
 
 SPLITS = ("train", "validation", "test")
 
@@ -94,8 +97,8 @@ def open_world(path: str | Path) -> World:
     return World(root=root, info=info)
 
 
-def _documents(cfg: WorldConfig) -> list[Document]:
-    docs = list(iter_documents(cfg.source))
+def _documents(cfg: WorldConfig, skipped: list[str] | None = None) -> list[Document]:
+    docs = list(iter_documents(cfg.source, skipped=skipped))
     if cfg.clean_rst:
         docs = [Document(id=d.id, text=clean_rst(d.text)) for d in docs]
     docs = [d for d in docs if d.text.strip()]
@@ -118,16 +121,29 @@ def _load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def build_world(cfg: WorldConfig, out_dir: str | Path, *, force: bool = False) -> World:
-    """Build (or reuse) the world for ``cfg`` under ``out_dir``."""
+    """Build (or reuse) the world for ``cfg`` under ``out_dir``.
+
+    The world is built in a temporary directory next to ``out_dir`` and replaces it only when complete: a failed
+    build (e.g. a corpus too small for ``seq_len``) leaves an existing world as it was. A directory that is not a
+    world (no ``world.json``) is refused, never overwritten.
+    """
     root = Path(out_dir)
     key = sha256_json({"config": cfg.model_dump(mode="json"), "source": source_digest(cfg.source)})
     if not force and (root / "world.json").is_file():
         world = open_world(root)
         if world.info.get("key") == key:
             return world
-    docs = _documents(cfg)
-    # world.json is the completion marker: drop it before touching the parts, write it last.
-    (root / "world.json").unlink(missing_ok=True)
+    check_replaceable(root, "world.json")
+    skipped: list[str] = []
+    docs = _documents(cfg, skipped)
+    with atomic_dir(root, marker="world.json") as tmp:
+        info = _build(cfg, docs, key, tmp)
+        info["skipped_files"] = len(skipped)
+        write_json_atomic(tmp / "world.json", info)
+    return World(root=root, info=info)
+
+
+def _build(cfg: WorldConfig, docs: list[Document], key: str, root: Path) -> dict[str, Any]:
     splits = split_documents(docs, cfg.split_fractions, cfg.split_seed)
     for name, frac in zip(SPLITS, cfg.split_fractions):
         if frac > 0 and not splits.get(name):
@@ -146,10 +162,11 @@ def build_world(cfg: WorldConfig, out_dir: str | Path, *, force: bool = False) -
     train_tokens = datasets["train"].tokens
     test = datasets.get("test") or datasets["validation"]
     unigram = unigram_perplexity(train_tokens, test.get_batch(range(test.num_blocks)).numpy(), len(tokenizer))
-    info = {
+    return {
         "key": key,
         "config": cfg.model_dump(mode="json"),
         "vocab_size": len(tokenizer),
+        "tokenizer_digest": tokenizer_digest(tokenizer),
         "splits": {
             name: {
                 "documents": len(splits[name]),
@@ -162,5 +179,29 @@ def build_world(cfg: WorldConfig, out_dir: str | Path, *, force: bool = False) -
         },
         "unigram_test_ppl": unigram,
     }
-    write_json_atomic(root / "world.json", info)
-    return World(root=root, info=info)
+
+
+def world_tokenizer_digest(world: World) -> str:
+    """The identity of the world's tokenizer (vocab, merges, special tokens); recomputed for older worlds."""
+    return str(world.info.get("tokenizer_digest") or tokenizer_digest(world.tokenizer()))
+
+
+def check_tokenizer_matches(world: World, model_dir: str | Path, what: str = "teacher") -> None:
+    """Refuse a world tokenized with another tokenizer than the model's (even at equal vocab size): the token ids
+    would silently mean other strings. A model directory without a tokenizer cannot be checked (a warning)."""
+    d = Path(model_dir)
+    if d.is_dir() and not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        log.warning("%s %s has no tokenizer files: cannot check that the world %s uses its tokenizer",
+                    what, model_dir, world.root)
+        return
+    try:
+        theirs = tokenizer_digest(AutoTokenizer.from_pretrained(str(model_dir)))
+    except (OSError, ValueError) as e:
+        if not d.exists():  # a hub id whose tokenizer cannot be fetched here: the model load will say more
+            log.warning("cannot load the %s's tokenizer %s to check the world against it: %s", what, model_dir,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return
+        raise DataError(f"cannot load the {what}'s tokenizer from {d}: {str(e).splitlines()[0]}") from e
+    if theirs != world_tokenizer_digest(world):
+        raise DataError(f"the world {world.root} was tokenized with another tokenizer than the {what}'s ({d}): "
+                        f"token ids would mean other text; build the world with --tokenizer {d}")

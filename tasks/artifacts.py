@@ -15,23 +15,28 @@ An :class:`ArtifactRef` (URI + sha256 of the manifest bytes) is what Prefect tas
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bitnet.io import sha256_file
+from bitnet.io import CONTENT_EXCLUDE, LockBusyError, content_digest, file_lock, sha256_file
 
 MANIFEST = "manifest.json"
 VERIFIED_MARKER = ".bitdistill-verified"  # in a local cache copy: the sha256 of the manifest it was checked against
@@ -48,6 +53,10 @@ class CorruptArtifactError(ArtifactError):
     """An artifact's files or manifest do not match the hashes that describe them."""
 
 
+class ArtifactLockedError(ArtifactError):
+    """Another run is computing the same stage output."""
+
+
 class ArtifactRef(BaseModel):
     """A finished stage output: where it is and the sha256 of its manifest (small, JSON, hashable)."""
 
@@ -57,6 +66,13 @@ class ArtifactRef(BaseModel):
     sha256: str = Field(description="sha256 of the manifest.json bytes", min_length=64, max_length=64)
     stage: str
     key: str
+    content: str = Field(default="", description="content identity of the files (tensor values, configs): "
+                         "what downstream keys hash, so a recomputed stage with equal content changes nothing after it")
+
+    @property
+    def identity(self) -> str:
+        """What a downstream key hashes: the content identity (the manifest sha256 for refs made before it)."""
+        return f"content:{self.content}" if self.content else self.sha256
 
 
 class FileEntry(BaseModel):
@@ -79,6 +95,7 @@ class Manifest(BaseModel):
     upstream: dict[str, ArtifactRef] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     code: str = Field(default="", description="digest of the code that produced the artifact")
+    content: str = Field(default="", description="bitnet.io.content_digest of the files (not metrics, checkpoints)")
     producer: dict[str, Any] = Field(default_factory=dict, description="flow run / task run / host that wrote it")
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
@@ -93,6 +110,35 @@ class StoreConfig(BaseModel):
         default_factory=dict, description="fsspec options without secrets, e.g. {'endpoint_url': ...} for s3"
     )
     cache_dir: str | None = Field(default=None, description="local staging directory for remote roots")
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if bad := secret_keys(v):
+            raise ValueError(f"storage_options must not hold credentials ({', '.join(bad)}): they would be stored "
+                             "in run records; set them in the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) "
+                             "or a Prefect block")
+        return v
+
+
+_SECRET_WORDS = ("secret", "password", "passwd", "token", "credential", "private", "key_id", "access_key",
+                 "account_key", "sas", "auth", "session")
+
+
+_NOT_SECRETS = ("anon", "google_default", "cloud", "browser", "cache")  # e.g. gcsfs token= modes, not credentials
+
+
+def secret_keys(options: Any, prefix: str = "") -> list[str]:
+    """Keys of (nested) ``options`` that look like credentials (``key``, ``secret``, ``token``, ...)."""
+    found: list[str] = []
+    if isinstance(options, dict):
+        for k, v in options.items():
+            name = str(k).lower().replace("-", "_")
+            harmless = v is None or isinstance(v, bool) or (isinstance(v, str) and v in _NOT_SECRETS)
+            if not harmless and (name in ("key", "pass", "pwd") or any(w in name for w in _SECRET_WORDS)):
+                found.append(prefix + str(k))
+            found += secret_keys(v, f"{prefix}{k}.")
+    return found
 
 
 def _default_cache_dir() -> Path:
@@ -238,7 +284,8 @@ class ArtifactStore:
         except ArtifactError as e:
             log.warning("ignoring %s: %s", self.uri(stage, key), e)
             return None
-        return ArtifactRef(uri=self.uri(stage, key), sha256=hashlib.sha256(raw).hexdigest(), stage=stage, key=key)
+        return ArtifactRef(uri=self.uri(stage, key), sha256=hashlib.sha256(raw).hexdigest(), stage=stage, key=key,
+                           content=manifest.content)
 
     def verify(self, ref: ArtifactRef, *, deep: bool | None = None) -> Manifest:
         """Check that ``ref`` still describes intact files; raise ArtifactError/CorruptArtifactError otherwise."""
@@ -274,6 +321,7 @@ class ArtifactStore:
         self.invalidate(stage, key)
         files = {rel: FileEntry(sha256=sha256_file(work / rel), size=(work / rel).stat().st_size)
                  for rel in _local_files(work, exclude)}
+        content = content_digest(work, [r for r in files if not _excluded(r, CONTENT_EXCLUDE)])
         if not self.local:
             for rel in files:
                 self.fs.put_file(str(work / rel), f"{base}/{rel}")
@@ -284,14 +332,35 @@ class ArtifactStore:
                 shutil.copy2(work / rel, dst)
         manifest = Manifest(
             stage=stage, key=key, files=files, config=config or {}, upstream=upstream or {},
-            metrics=metrics or {}, code=code, producer=producer or {},
+            metrics=metrics or {}, code=code, producer=producer or {}, content=content,
         )
         raw = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True, default=str).encode()
         self._write_bytes_atomic(f"{base}/{MANIFEST}", raw)
         sha = hashlib.sha256(raw).hexdigest()
         if not self.local:
             (work / VERIFIED_MARKER).write_text(sha)
-        return ArtifactRef(uri=self.uri(stage, key), sha256=sha, stage=stage, key=key)
+        return ArtifactRef(uri=self.uri(stage, key), sha256=sha, stage=stage, key=key, content=content)
+
+    # -------------------------------------------------------------------------------------------- locks
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str, *, wait_s: float = 0.0) -> Iterator[None]:
+        """Exclusive right to compute and commit ``{stage}/{key}``: a file lock for local roots, a lock object
+        created with a conditional write (if-none-match) on object stores, refreshed while held."""
+        what = self.uri(stage, key)
+        path = f"{self.root_path}/{stage}/.{key}.lock"
+        if not self.local:
+            with _RemoteLock(self.fs, path, what, wait_s):
+                yield
+            return
+        try:
+            lock = file_lock(path, what=what, wait_s=wait_s)
+            lock.__enter__()
+        except LockBusyError as e:
+            raise ArtifactLockedError(str(e)) from None
+        try:
+            yield
+        finally:
+            lock.__exit__(None, None, None)
 
     def fetch(self, ref: ArtifactRef) -> Path:
         """A verified local directory with the files of ``ref`` (downloaded into the cache for remote roots)."""
@@ -318,6 +387,68 @@ class ArtifactStore:
                 raise CorruptArtifactError(f"{ref.uri}: {rel} sha256 differs from the manifest")
         marker.write_text(ref.sha256)
         return local
+
+
+class _RemoteLock:
+    """A lock object on an object store: created only if absent (S3 If-None-Match, GCS ifGenerationMatch=0),
+    its timestamp refreshed every ``beat_s`` while held, broken when older than ``stale_s`` (a killed holder)."""
+
+    beat_s, stale_s = 30.0, 300.0
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, what: str, wait_s: float) -> None:
+        self.fs, self.path, self.what, self.wait_s = fs, path, what, wait_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "time": time.time()}).encode()
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            self.fs.invalidate_cache(self.path)
+            return json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"owner": "unknown", "time": 0.0}
+
+    def __enter__(self) -> _RemoteLock:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                self.fs.pipe_file(self.path, self._body(), mode="create")
+                break
+            except (FileExistsError, OSError) as e:
+                holder = self._holder()
+                if holder is None:
+                    continue
+                if time.time() - float(holder.get("time", 0)) > self.stale_s:
+                    log.warning("%s: breaking the stale lock of %s", self.what, holder.get("owner"))
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(self.path)
+                    continue
+                if time.monotonic() >= deadline:
+                    raise ArtifactLockedError(f"{self.what} is being computed by another run ({holder.get('owner')});"
+                                              " wait for it to finish") from e
+                time.sleep(1.0)
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+        self._beat.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.beat_s):
+            with contextlib.suppress(Exception):
+                self.fs.pipe_file(self.path, self._body())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+        with contextlib.suppress(FileNotFoundError):
+            holder = self._holder()
+            if holder is not None and holder.get("owner") == self.owner:
+                self.fs.rm_file(self.path)
 
 
 def _parse_manifest(raw: bytes, where: str) -> Manifest:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,10 +110,21 @@ class StageCode(CachePolicy):
 
         st = STAGES[inputs["name"]]
         fingerprint = st.fingerprint(inputs["cfg"]) if st.fingerprint else {}
-        return sha256_json({"code": code_digest((st.module,)), **fingerprint})
+        return sha256_json({"code": code_digest((st.module,)), "upstream": upstream_identity(inputs["inputs"]),
+                            **fingerprint})
+
+
+def upstream_identity(inputs: Mapping[str, Any]) -> dict[str, str]:
+    """What a stage key hashes of its upstream artifacts: their content identity (tensor values, configs), never
+    their manifest bytes (timestamps, producers) or where they live."""
+    from tasks.artifacts import ArtifactRef
+
+    return {k: (r if isinstance(r, ArtifactRef) else ArtifactRef.model_validate(r)).identity
+            for k, r in sorted(inputs.items())}
 
 
 def stage_cache_policy() -> CachePolicy:
     """INPUTS (minus ``reuse_only`` and ``compute``, which decide whether and where a stage computes, not what it
-    holds) + TASK_SOURCE + the stage's code digest and fingerprint."""
-    return (INPUTS - "reuse_only" - "compute") + TASK_SOURCE + StageCode()
+    holds, and minus ``inputs``, the upstream refs, which enter by content identity) + TASK_SOURCE + the stage's
+    code digest, upstream content identities and fingerprint."""
+    return (INPUTS - "reuse_only" - "compute" - "inputs") + TASK_SOURCE + StageCode()

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.artifacts import ArtifactRef, ArtifactStore, StoreConfig
+from tasks.artifacts import ArtifactLockedError, ArtifactRef, ArtifactStore, StoreConfig
 
 log = logging.getLogger("bitdistill.execute")
 
@@ -70,18 +70,56 @@ def execute(
     other than 0. ``fetch_lock`` serialises upstream downloads of processes sharing a cache directory;
     ``before_compute`` wraps the computation (the worker restores and uploads trainer checkpoints with it).
     """
-    from bitnet.stages.registry import run_stage
-
     cfg = req.stage_config()
     store = ArtifactStore.from_config(req.store)
     if check_existing and (ref := store.lookup(req.stage, req.key)) is not None:
         logger.info("%s: %s holds a valid manifest; nothing to do", req.stage, ref.uri)
         return ref
+    with _stage_lock(store, req, logger) if commit else contextlib.nullcontext():
+        if check_existing and (ref := store.lookup(req.stage, req.key)) is not None:  # another run finished it
+            logger.info("%s: %s was finished by another run; reusing it", req.stage, ref.uri)
+            return ref
+        return _compute(req, cfg, store, progress=progress, logger=logger, commit=commit, fetch_lock=fetch_lock,
+                        before_compute=before_compute)
+
+
+LOCK_WAIT_S = 7 * 24 * 3600.0  # a holder that dies releases the lock (flock) or lets it go stale (object stores)
+
+
+@contextlib.contextmanager
+def _stage_lock(store: ArtifactStore, req: StageRequest, logger: Any) -> Iterator[None]:
+    """Serialise runs computing the same ``{stage}/{key}``: the second waits, then reuses the first one's result."""
+    try:
+        with store.lock(req.stage, req.key):
+            yield
+        return
+    except ArtifactLockedError as e:
+        logger.warning("%s: %s; waiting", req.stage, e)
+    with store.lock(req.stage, req.key, wait_s=LOCK_WAIT_S):
+        yield
+
+
+def _compute(
+    req: StageRequest,
+    cfg: BaseModel,
+    store: ArtifactStore,
+    *,
+    progress: Progress,
+    logger: Any,
+    commit: bool,
+    fetch_lock: Callable[[], AbstractContextManager[Any]],
+    before_compute: Callable[[ArtifactStore, Path], AbstractContextManager[Any]] | None,
+) -> ArtifactRef | None:
+    from bitnet.stages.outputs import forget_output
+    from bitnet.stages.registry import run_stage
+
     if commit:
         store.invalidate(req.stage, req.key)  # a stale manifest must not survive a crash of the recomputation
     with fetch_lock():
         local = {name: store.fetch(ref) for name, ref in req.upstream.items()}
     work = store.work_dir(req.stage, req.key)
+    if commit:  # the store, not the directory, says what is done: no valid manifest → recompute (resuming)
+        forget_output(work)
     logger.info("%s: computing into %s", req.stage, work)
     with before_compute(store, work) if before_compute else contextlib.nullcontext():
         train = getattr(cfg, "train", None)

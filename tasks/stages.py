@@ -1,14 +1,15 @@
 """The one Prefect task that runs any stage: stage name + config + upstream ``ArtifactRef``s in, an ``ArtifactRef`` out.
 
-The task computes the stage's key (config, upstream manifests, code digest, the stage's own fingerprint such as the
-world's corpus listing) and returns ``{stage}/{key}`` when it already holds a valid manifest (so results survive the
-loss of Prefect's own result storage). Otherwise it builds a :class:`~tasks.execute.StageRequest` and hands it to
-the stage's compute backend (``tasks/compute.py``: in-process by default, ``torchrun`` or SkyPilot through
-``python -m tasks.worker``), which runs ``STAGES[name]`` and commits the artifact (files first, manifest last); a
-killed stage re-runs in the same directory and the trainer resumes from its checkpoints.
+The task computes the stage's key (config, upstream *content* identities, code digest, the stage's own fingerprint
+such as the world's corpus listing) and returns ``{stage}/{key}`` when it already holds a valid manifest (so results
+survive the loss of Prefect's own result storage). Otherwise it builds a :class:`~tasks.execute.StageRequest`
+and hands it to the stage's compute backend (``tasks/compute.py``: in-process by default, ``torchrun`` or SkyPilot
+through ``python -m tasks.worker``), which runs ``STAGES[name]`` and commits the artifact (files first, manifest
+last); a killed stage re-runs in the same directory and the trainer resumes from its checkpoints.
 
-Caching: INPUTS (minus ``reuse_only`` and ``compute``) + TASK_SOURCE + the digest of the code the stage imports,
-results persisted as JSON.
+Caching: INPUTS (minus ``reuse_only``, ``compute`` and the upstream refs, which enter by content identity) +
+TASK_SOURCE + the digest of the code the stage imports, results persisted as JSON. A recomputed upstream stage
+whose output has the same content (tensor values, configs) leaves this key, and so this stage's output, as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydantic import BaseModel
 
 from bitnet.stages import STAGES
 from tasks.artifacts import ArtifactError, ArtifactRef, ArtifactStore, StoreConfig, stage_key
-from tasks.caching import code_digest, stage_cache_policy
+from tasks.caching import code_digest, stage_cache_policy, upstream_identity
 from tasks.compute import ComputeConfig, run_request
 from tasks.execute import StageRequest
 from tasks.progress import TrainProgress
@@ -68,7 +69,7 @@ def stage_task(
     artifacts = ArtifactStore.from_config(store)
     code = stage_code(name)
     config = cfg.model_dump(mode="json")
-    material = {"config": config, "upstream": {k: r.sha256 for k, r in inputs.items()}, "code": code,
+    material = {"config": config, "upstream": upstream_identity(inputs), "code": code,
                 **(st.fingerprint(cfg) if st.fingerprint else {})}
     key = stage_key(name, material)
     if (ref := artifacts.lookup(name, key)) is not None:

@@ -96,7 +96,7 @@ def test_teacher_stage_beats_unigram_and_loads_in_transformers(small_world, tmp_
     before = (tmp_path / "teacher" / "model" / "model.safetensors").read_bytes()
     proc = run_cli("teacher", "train", "--world", str(small_world.root), "--out", str(tmp_path / "teacher"),
                    "--config", str(cfg_file))
-    assert_one_line_error(proc, "does not fit this model")
+    assert_one_line_error(proc, "refusing to resume stage teacher")  # another config: refused before training
     assert (tmp_path / "teacher" / "model" / "model.safetensors").read_bytes() == before
 
 

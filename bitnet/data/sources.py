@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from bitnet.data.errors import DataError
 from bitnet.io import sha256_json
+
+log = logging.getLogger("bitdistill.data")
 
 _GLOB_MAGIC = re.compile(r"[*?\[]")
 
@@ -175,37 +178,66 @@ def _rel(path: str, base: str) -> str:
     return path.lstrip("/")
 
 
-def iter_documents(source: TextSource) -> Iterator[Document]:
-    """Yield the source's non-blank documents in a deterministic order; raise DataError if there are none."""
+def iter_documents(source: TextSource, *, skipped: list[str] | None = None) -> Iterator[Document]:
+    """Yield the source's non-blank documents in a deterministic order; raise DataError if there are none.
+
+    Binary or undecodable files (a NUL byte, or a quarter of the characters not UTF-8) are skipped; their ids are
+    appended to ``skipped`` and counted in the error when nothing is left.
+    """
+    skipped = skipped if skipped is not None else []
     if source.kind == "dir":
         files = _list_dir(source)
         where = f"{source.path} (glob {source.glob!r})"
-        gen: Iterator[Document] = (
-            Document(rel, p.read_text(encoding="utf-8", errors="replace")) for rel, p in files
-        )
+        gen: Iterator[Document] = _decoded(((rel, p.read_bytes()) for rel, p in files), skipped)
     elif source.kind == "fsspec":
         fs, entries = _list_fsspec(source)
         where = str(source.url)
-        gen = (Document(rel, _read_fs(fs, p)) for rel, p, _ in entries)
+        gen = _decoded(((rel, _read_fs(fs, p)) for rel, p, _ in entries), skipped)
     else:
         gen = _iter_hf(source)
         where = f"hf dataset {source.name!r} split {source.split!r}"
-    return _nonempty(gen, where)
+    return _nonempty(gen, where, skipped)
 
 
-def _read_fs(fs: Any, path: str) -> str:
+MAX_UNDECODABLE = 0.25  # share of characters that may be invalid UTF-8 (stray Latin-1 bytes); random bytes: ~1/2
+
+
+def decode_text(raw: bytes) -> str | None:
+    """``raw`` as text, or ``None`` for binary data (a NUL byte) or mostly non-UTF-8 bytes."""
+    if b"\0" in raw[: 1 << 16]:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        return text if text.count("\ufffd") <= MAX_UNDECODABLE * len(text) else None
+
+
+def _decoded(files: Iterator[tuple[str, bytes]], skipped: list[str]) -> Iterator[Document]:
+    for rel, raw in files:
+        text = decode_text(raw)
+        if text is None:
+            skipped.append(rel)
+            continue
+        yield Document(rel, text)
+
+
+def _read_fs(fs: Any, path: str) -> bytes:
     with fs.open(path, "rb") as f:
-        return f.read().decode("utf-8", errors="replace")
+        return f.read()
 
 
-def _nonempty(gen: Iterator[Document], where: str) -> Iterator[Document]:
+def _nonempty(gen: Iterator[Document], where: str, skipped: list[str]) -> Iterator[Document]:
     n = 0
     for doc in gen:
         if doc.text.strip():
             n += 1
             yield doc
+    if skipped:
+        log.warning("%s: skipped %d binary or undecodable file(s), e.g. %s", where, len(skipped), skipped[0])
     if n == 0:
-        raise DataError(f"no documents (non-blank texts) found in {where}")
+        extra = f"; {len(skipped)} binary or undecodable file(s) skipped, e.g. {skipped[0]}" if skipped else ""
+        raise DataError(f"no documents (non-blank texts) found in {where}{extra}")
 
 
 def _iter_hf(source: TextSource) -> Iterator[Document]:

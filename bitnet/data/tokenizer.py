@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,11 +65,42 @@ def train_bpe_tokenizer(
     return fast
 
 
+MAX_RUN = 256  # characters without whitespace the BPE trainer sees as one piece (longer runs are cut)
+MAX_PIECE = 1 << 16  # characters per string handed to the trainer
+
+
+_LONG_RUN = re.compile(r"\S{" + str(MAX_RUN + 1) + ",}")
+
+
+def bounded_pieces(text: str) -> Iterator[str]:
+    """``text`` cut so that tokenizer training stays bounded in time and memory: runs of more than ``MAX_RUN``
+    non-whitespace characters (minified data, base64, a corpus without spaces) are cut into ``MAX_RUN`` pieces and
+    strings longer than ``MAX_PIECE`` are split at whitespace. Ordinary prose passes through unchanged."""
+    start = 0
+    for m in _LONG_RUN.finditer(text):
+        yield from _split_long(text[start:m.start()])
+        run = m.group()
+        for i in range(0, len(run), MAX_RUN):
+            yield run[i:i + MAX_RUN]
+        start = m.end()
+    yield from _split_long(text[start:])
+
+
+def _split_long(text: str) -> Iterator[str]:
+    while len(text) > MAX_PIECE:
+        cut = max(text.rfind(" ", 0, MAX_PIECE), text.rfind("\n", 0, MAX_PIECE))
+        cut = cut if cut > 0 else MAX_PIECE
+        yield text[:cut]
+        text = text[cut:]
+    if text:
+        yield text
+
+
 def _counting(texts: Iterable[str], counter: list[int]) -> Iterator[str]:
     for t in texts:
         if t:
             counter[0] += 1
-            yield t
+            yield from bounded_pieces(t)
 
 
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:

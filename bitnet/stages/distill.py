@@ -17,7 +17,7 @@ from bitnet.stages.training import Proc, StageData, held_out_perplexity, train_a
 from bitnet.student import load_student, save_student
 from bitnet.teacher import load_teacher
 from bitnet.trainer import Callback, LossFn, TrainConfig
-from bitnet.world import World, open_world
+from bitnet.world import World, check_tokenizer_matches, open_world
 
 STUDENT_INPUTS = ("student", "teacher", "world")
 
@@ -33,14 +33,39 @@ def lm_forward(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Any:
 
 def load_pair(inputs: Inputs, proc: Proc, train: TrainConfig) -> tuple[nn.Module, nn.Module, World]:
     """The student to train, the frozen teacher (no gradients; replicated or sharded as ``train`` says) and the
-    world, with matching vocabularies."""
+    world, with matching vocabularies: the world must be tokenized with the teacher's tokenizer (not merely one of
+    the same size), and the teacher must be an architecture the student stages support."""
+    world = open_world(inputs["world"])
+    source = teacher_source(inputs["teacher"])
+    check_teacher_architecture(source)
+    check_tokenizer_matches(world, source)
     student = load_student(model_dir(inputs["student"])).to(proc.device)
-    teacher = place_teacher(load_teacher(teacher_source(inputs["teacher"])), proc.device,
-                            placement=train.teacher_placement, precision=train.precision)
+    teacher = place_teacher(load_teacher(source), proc.device, placement=train.teacher_placement,
+                            precision=train.precision)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"teacher vocab ({teacher.config.vocab_size}) differs from the student's "
                          f"({student.config.vocab_size})")
-    return student, teacher, open_world(inputs["world"])
+    if world.info.get("vocab_size", 0) > teacher.config.vocab_size:
+        raise ValueError(f"the world's tokenizer has {world.info['vocab_size']} tokens, more than the teacher's "
+                         f"vocabulary ({teacher.config.vocab_size})")
+    return student, teacher, world
+
+
+def check_teacher_architecture(source: str) -> None:
+    """Refuse, before loading any weights, a teacher whose architecture the student stages cannot align with
+    (e.g. GPT-2: no q/k/v projections for the attention-relation loss, no SubLN placement rule)."""
+    from transformers import AutoConfig
+
+    from bitnet.convert import ARCH_RULES, UnsupportedArchitectureError, supported_architectures
+
+    try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"cannot read the teacher's config from {source}: {str(e).splitlines()[0]}") from e
+    if not any(model_type in rule.model_types for rule in ARCH_RULES.values()):
+        raise UnsupportedArchitectureError(
+            f"teacher {source} is a {model_type!r} model; the student stages support "
+            f"{', '.join(supported_architectures())}")
 
 
 def fresh_student(inputs: Inputs, lrc_rank: int = 0) -> nn.Module:

@@ -26,7 +26,7 @@ from bitnet.pretrained import SOURCE_FILE
 from bitnet.stages.base import Inputs, Stage, model_dir, teacher_source
 from bitnet.student import load_student
 from bitnet.teacher import load_teacher
-from bitnet.world import open_world
+from bitnet.world import check_tokenizer_matches, open_world
 
 
 class EvalConfig(BaseModel):
@@ -40,7 +40,9 @@ class EvalConfig(BaseModel):
 
 
 def run(cfg: EvalConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
-    data = open_world(inputs["world"]).dataset(cfg.split)
+    world = open_world(inputs["world"])
+    check_tokenizer_matches(world, teacher_source(inputs["teacher"]))
+    data = world.dataset(cfg.split)
 
     def batches() -> Any:
         return iter_eval_batches(data, cfg.batch_size, cfg.max_batches)

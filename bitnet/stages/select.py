@@ -30,7 +30,7 @@ class SelectConfig(BaseModel):
 
 def run(cfg: SelectConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
     """Score with ``inputs["model"]`` (a student or an HF model); write the kept blocks as a packed dataset at
-    ``out`` and the selection statistics next to it (``OUT.selection.json``)."""
+    ``out`` and the selection statistics in it (``OUT/selection.json``; a stage writes nothing outside ``out``)."""
     path = model_dir(inputs["model"])
     model = (load_student(path) if (path / "bitnet.json").is_file() else load_teacher(path)).to(default_device())
     world = open_world(inputs["world"])
@@ -41,7 +41,7 @@ def run(cfg: SelectConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
     info = {"target_split": cfg.target_split, "model": str(path), **cfg.influence.model_dump(mode="json")}
     write_subset(candidates, result.indices, out, info=info)
     stats = {k: v for k, v in result.stats.items() if k != "params"}
-    write_json_atomic(out.with_name(out.name + ".selection.json"), stats)
+    write_json_atomic(out / "selection.json", stats)
     return stats
 
 
