@@ -315,8 +315,6 @@ def materialize_teacher(source: str | Path, out_dir: str | Path, *, dtype: torch
     """
     import torch
 
-    from bitnet.teacher import count_parameters
-
     start = time.perf_counter()
     resolved = resolve_source(source)
     if not resolved.is_gguf:
@@ -333,7 +331,7 @@ def materialize_teacher(source: str | Path, out_dir: str | Path, *, dtype: torch
         "gguf_name": info.name,
         "gguf_file_type": info.file_type,
         "architecture": model.config.model_type,
-        "parameters": count_parameters(model),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": info.n_vocab,
         "hidden_size": model.config.hidden_size,
         "num_hidden_layers": model.config.num_hidden_layers,

@@ -21,7 +21,7 @@ def run_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.bitdistill import bitdistill
     from flows.config import pipeline_config
-    from tasks.artifacts import ArtifactError
+    from tasks.artifacts import ArtifactError, ArtifactStore
     from tasks.compute import ComputeError
     from tasks.tracking import TrackingError
 
@@ -30,6 +30,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
     try:
+        ArtifactStore.from_config(cfg.resolved().store).check()  # an unusable root: one line, before Prefect starts
         summary = bitdistill(config=cfg)
     except (ArtifactError, ComputeError, TrackingError) as e:
         raise CLIError(str(e)) from e

@@ -37,6 +37,7 @@ from bitnet.data import (
 )
 from bitnet.data import corpus as corpus_mod
 from bitnet.data import packing as packing_mod
+from bitnet.data import sources as sources_mod
 from bitnet.data.packing import token_dtype
 from bitnet.io import OverwriteRefusedError
 
@@ -567,6 +568,7 @@ def test_python_docs_corpus() -> None:
 
 def test_python_docs_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(corpus_mod, "PYTHON_DOCS_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(sources_mod, "PYTHON_DOCS_DIR", str(tmp_path / "absent"))  # where the install hint lives
     assert not python_docs_available()
     with pytest.raises(DataError, match="python3.11-doc is not installed: apt-get install python3.11-doc"):
         list(iter_documents(python_docs_source()))

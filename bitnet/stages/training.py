@@ -19,6 +19,7 @@ from torch import nn
 
 from bitnet.data import BlockLoader, PackedDataset, iter_eval_batches
 from bitnet.evaluate import perplexity
+from bitnet.stages.outputs import run_identity
 from bitnet.trainer import (
     Callback,
     LossFn,
@@ -128,7 +129,7 @@ def train_and_save(
                          world_size=proc.world_size)
     trainer = Trainer(model, loader, train, out / "train", loss_fn=loss_fn,
                       val_batches=lambda: iter_eval_batches(val, data.eval_batch_size), callbacks=list(callbacks),
-                      device=proc.device, desc=desc)
+                      device=proc.device, desc=desc, identity=run_identity(out))
     result = trainer.fit()
     metrics: dict[str, Any] = {"steps": result.steps, "tokens": result.tokens, "train_loss": result.train_loss,
                                "val_loss": result.val_loss, "wall_s": result.wall_s,
