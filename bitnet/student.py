@@ -87,18 +87,25 @@ def load_state_dict_checked(model: nn.Module, file: str | Path) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state and not _is_tied_alias(model, k, state)]
     unexpected = [k for k in state if k not in own]
-    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise CheckpointError(f"{file} does not fit this model: " + "; ".join(parts))
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+             if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if problem := state_mismatch(missing, unexpected, wrong):
+        raise CheckpointError(f"{file} does not fit this model: {problem}")
     model.load_state_dict(state, strict=False)
+
+
+def state_mismatch(missing: list[str], unexpected: list[str], wrong: list[tuple[str, tuple, tuple]]) -> str | None:
+    """Why a state dict does not fit a model, in one line (``wrong``: name, stored shape, model shape); ``None``
+    when it fits."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        k, theirs, ours = wrong[0]
+        parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {theirs} vs {ours})")
+    return "; ".join(parts) or None
 
 
 def _is_tied_alias(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:

@@ -59,7 +59,7 @@ from bitnet.parallel import (
     require_fsdp_world,
     shard_model,
 )
-from bitnet.student import CheckpointError
+from bitnet.student import CheckpointError, state_mismatch
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -743,17 +743,10 @@ def _check_fits(path: Path, own: Mapping[str, torch.Tensor], stored: Mapping[str
     theirs = {k for k in stored if ours(k)}
     missing = [k for k in own if k not in stored]
     unexpected = sorted(theirs - set(own))
-    wrong = [k for k in own if k in stored and tuple(own[k].shape) != tuple(stored[k])]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(stored[k])} vs {tuple(own[k].shape)})")
-        raise CheckpointError(f"{path} {what}: " + "; ".join(parts))
+    wrong = [(k, tuple(stored[k]), tuple(own[k].shape)) for k in own
+             if k in stored and tuple(own[k].shape) != tuple(stored[k])]
+    if problem := state_mismatch(missing, unexpected, wrong):
+        raise CheckpointError(f"{path} {what}: {problem}")
 
 
 def _write_json_synced(path: Path, obj: Any) -> None:
