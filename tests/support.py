@@ -1,4 +1,5 @@
-"""Helpers shared by the tests that start servers: a free loopback port, and stopping a process by PID."""
+"""Helpers shared by the tests that start servers: a free loopback port, waiting for a server, and stopping a process
+by PID."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import signal
 import socket
 import subprocess
+import time
+import urllib.request
 
 
 def free_port() -> int:
@@ -25,3 +28,18 @@ def stop(proc: subprocess.Popen, *, group: bool = False, timeout: float = 20) ->
     except subprocess.TimeoutExpired:
         kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    """Poll ``url`` until it answers 200; fail at once when the server process ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)

@@ -24,7 +24,7 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
 from bitnet.data import PYTHON_DOCS_DIR, TextSource, python_docs_available  # noqa: E402
 from bitnet.teacher import TinyTeacherConfig  # noqa: E402
 from tasks.artifacts import ArtifactRef, ArtifactStore, CorruptArtifactError  # noqa: E402
-from tests.support import free_port, stop
+from tests.support import free_port, stop, wait_http
 
 STAGES = ["world", "teacher", "convert", "layerwise", "cpt", "kd", "lrc", "export", "eval"]
 
@@ -425,20 +425,6 @@ def test_s3_store(s3_server: str, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- deployments
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen[str]) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early: {proc.communicate()[0][-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 # The deployments against a real server and worker (deploy, run, kill, Crashed, retry, eval-only) are tested in
@@ -457,7 +443,7 @@ def mlflow_server(tmp_path: Path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
+        wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc, group=True, timeout=5)

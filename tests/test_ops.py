@@ -24,7 +24,7 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 from bitnet.config import ConfigError  # noqa: E402
-from tests.support import free_port, stop  # noqa: E402
+from tests.support import free_port, stop, wait_http  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = REPO / "deployments"
@@ -235,20 +235,6 @@ def _logs(api: str, flow_run_id: str) -> list[str]:
         f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "offset": offset, "limit": 200})]
 
 
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
-
-
 def _descendants(pid: int) -> list[int]:
     """PIDs of every process below ``pid`` (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -322,7 +308,7 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
     prefect = str(bindir / "prefect")
     try:
         server = start(prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        _wait_http(f"{api}/health", 120, server)
+        wait_http(f"{api}/health", 120, server)
         out = cli(sys.executable, "deployments/setup_server.py", timeout=300)
         assert "automation bitdistill-crash-zombie-flow-runs" in out and "bitdistill/eval-only" in out, out[-2000:]
         worker = start(prefect, "worker", "start", "--pool", "bitdistill-process")
