@@ -502,3 +502,45 @@ def test_cli_export_and_serve(student, small_world, tmp_path, capsys) -> None:
         assert answer["choices"][0]["text"] == expected and answer["usage"]["completion_tokens"] >= 1
     finally:
         stop(proc, timeout=20)
+
+
+def _bpe_tokenizer(pre, decoder, *, byte_fallback: bool, byte_tokens: bool):
+    """A small real `tokenizers` BPE wrapped as a transformers fast tokenizer (vocab: the 256 byte symbols)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + ["Ġt", "Ġth"])}
+    if byte_tokens:
+        vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+    tok = Tokenizer(BPE(vocab, [("Ġ", "t"), ("Ġt", "h")], byte_fallback=byte_fallback))
+    tok.pre_tokenizer, tok.decoder = pre, decoder
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=symbols[0])
+
+
+def test_vocab_pre_tokenizer_and_byte_level_checks() -> None:
+    from tokenizers import decoders, pre_tokenizers
+
+    from bitnet.export.vocab import vocab_metadata
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    gguf_style = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.ByteLevel()])
+    # what transformers rebuilds from a GGUF `gpt2` vocabulary: byte_fallback with nothing to fall back to
+    tok = _bpe_tokenizer(byte_level, gguf_style, byte_fallback=True, byte_tokens=False)
+    assert vocab_metadata(tok, len(tok)).pre == "gpt-2"
+    # SmolLM's own tokenizer.json: single digits first, then the GPT-2 regex (llama.cpp's "smollm" regexes)
+    smollm = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    tok = _bpe_tokenizer(smollm, decoders.ByteLevel(), byte_fallback=False, byte_tokens=False)
+    assert vocab_metadata(tok, len(tok)).pre == "smollm"
+    assert vocab_metadata(tok, len(tok), tokenizer_pre="gpt-2").pre == "gpt-2"  # an explicit name wins
+    # <0xNN> tokens that byte_fallback really uses: llama.cpp's gpt2 model would tokenize differently
+    tok = _bpe_tokenizer(byte_level, gguf_style, byte_fallback=True, byte_tokens=True)
+    with pytest.raises(UnsupportedExportError, match="only byte-level BPE"):
+        vocab_metadata(tok, len(tok))
+    # an unknown pre-tokenizer is not guessed
+    tok = _bpe_tokenizer(pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), byte_level]), decoders.ByteLevel(),
+                         byte_fallback=False, byte_tokens=False)
+    with pytest.raises(UnsupportedExportError, match="pass tokenizer_pre"):
+        vocab_metadata(tok, len(tok))

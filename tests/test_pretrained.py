@@ -367,3 +367,19 @@ def test_gguf_teacher_through_the_stages(tiny_gguf: Path, tmp_path: Path) -> Non
     # F32 file, F32 dequantised teacher: the two perplexities differ only by llama.cpp's float order, far below 1 %
     assert m["teacher_gguf_ppl"] == pytest.approx(m["teacher_ppl"], rel=1e-2)
     assert m["student_ppl"] > 1 and 0 <= m["student_top1_agreement"] <= 1
+
+    # export: transformers rebuilds a GGUF's `gpt2` vocabulary as BPE with byte_fallback and a Sequence decoder;
+    # it is still byte-level BPE, and llama.cpp tokenizes with the exported vocabulary exactly as the HF tokenizer
+    # that packed the world (a different id for any piece would silently change what the student reads)
+    from llama_cpp import Llama
+
+    from bitnet.stages.export import GGUF_NAME, ExportConfig
+
+    spec = json.loads((tmp_path / "student" / "model" / "tokenizer.json").read_text())
+    assert spec["model"]["byte_fallback"] and spec["decoder"]["type"] == "Sequence"  # the case under test
+    e = run_stage("export", ExportConfig(), {"student": tmp_path / "student"}, tmp_path / "export")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "student" / "model")
+    llm = Llama(model_path=str(tmp_path / "export" / GGUF_NAME), n_ctx=64, n_threads=1, verbose=False)
+    assert e["gguf"] == GGUF_NAME and llm.n_vocab() == len(tok)
+    assert llm.tokenize(PROBE.encode(), add_bos=False, special=False) == tok.encode(PROBE)
+    llm.close()

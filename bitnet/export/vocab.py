@@ -48,25 +48,56 @@ class VocabMetadata:
         self.special.add_to_gguf(writer, quiet=True)
 
 
+def _parts(spec: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A tokenizers component as a flat list (a ``Sequence`` is its members; none is an empty list)."""
+    if not spec:
+        return []
+    members = spec.get("pretokenizers") or spec.get("decoders") or spec.get("normalizers")
+    if spec.get("type") == "Sequence":
+        return [p for m in members or [] for p in _parts(m)]
+    return [spec]
+
+
+def _is_gpt2_byte_level(part: dict[str, Any]) -> bool:
+    return part.get("type") == "ByteLevel" and all(part.get(k, False) == v for k, v in _GPT2_BYTELEVEL.items())
+
+
 def _pre_tokenizer_name(spec: dict[str, Any], explicit: str | None) -> str:
     if explicit:
         return explicit
-    pre = spec.get("pre_tokenizer") or {}
-    if all(pre.get(k, False) == v for k, v in _GPT2_BYTELEVEL.items()) and spec.get("normalizer") is None:
-        return "gpt-2"
+    pre = _parts(spec.get("pre_tokenizer"))
+    if not _parts(spec.get("normalizer")):
+        if len(pre) == 1 and _is_gpt2_byte_level(pre[0]):
+            return "gpt-2"
+        # SmolLM's tokenizer.json: every digit its own piece, then the GPT-2 regex (llama.cpp "smollm")
+        if (len(pre) == 2 and pre[0] == {"type": "Digits", "individual_digits": True}
+                and _is_gpt2_byte_level(pre[1])):
+            return "smollm"
     raise UnsupportedExportError(
         f"cannot tell which llama.cpp pre-tokenizer reproduces this tokenizer's pre_tokenizer "
-        f"{json.dumps(pre)[:120]}; pass tokenizer_pre=<llama.cpp name> if you know it"
+        f"{json.dumps(spec.get('pre_tokenizer'))[:120]}; pass tokenizer_pre=<llama.cpp name> if you know it"
     )
 
 
 def _check_byte_level_bpe(spec: dict[str, Any]) -> None:
+    """BPE over the byte-to-unicode alphabet, decoded back to bytes: llama.cpp's ``gpt2`` tokenizer model.
+
+    ``byte_fallback`` (set by transformers when it rebuilds a GGUF's ``gpt2`` vocabulary) is harmless under a
+    ByteLevel pre-tokenizer when the vocabulary has no ``<0xNN>`` byte tokens: a piece that is not a token then falls
+    back to the unknown token, exactly as without the flag (SmolLM2 lacks 21 of the 256 byte symbols, the bytes
+    that valid UTF-8 never holds and a few control bytes, in its original tokenizer as well).
+    """
     model = spec.get("model") or {}
-    decoder = spec.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+    byte_level_pre = any(p.get("type") == "ByteLevel" for p in _parts(spec.get("pre_tokenizer")))
+    byte_level_dec = any(p.get("type") == "ByteLevel" for p in _parts(spec.get("decoder")))
+    byte_tokens = any(f"<0x{b:02X}>" in (model.get("vocab") or {}) for b in range(256))
+    fallback_fires = bool(model.get("byte_fallback")) and byte_tokens
+    if model.get("type") != "BPE" or not byte_level_pre or not byte_level_dec or fallback_fires:
         raise UnsupportedExportError(
             f"only byte-level BPE tokenizers are exported (llama.cpp 'gpt2'); got model {model.get('type')!r} "
-            f"(byte_fallback={bool(model.get('byte_fallback'))}) with decoder {decoder.get('type')!r}"
+            f"(byte_fallback={bool(model.get('byte_fallback'))}) with pre-tokenizer "
+            f"{[p.get('type') for p in _parts(spec.get('pre_tokenizer'))]} and decoder "
+            f"{[p.get('type') for p in _parts(spec.get('decoder'))]}"
         )
 
 
