@@ -4,7 +4,8 @@ Every row starts from the same teacher (``WORKDIR/teacher/model``, as ``bitdisti
 ingredient to the row above it. Trained rows get the same total optimizer-step budget ``--steps`` (split among
 their stages) with the same batch, so they see the same number of training tokens; the ``+LRC`` row adds its own
 small budget on top of the full BitDistill row and says so. Each row prints held-out **test** perplexity, top-1
-next-token agreement with the teacher and KL(teacher ‖ student), the tokens it trained on and its wall time.
+next-token agreement with the teacher and KL(teacher ‖ student), the tokens it trained on and its training wall time
+(the stages' own ``wall_s``; the whole run's wall time is printed last).
 
     python benchmarks/ablation.py --workdir runs/tiny --steps 300 [--markdown docs/ablation.md]
     python benchmarks/ablation.py --preset smollm2-135m --steps 24    # a real pretrained teacher (offline)
@@ -13,13 +14,16 @@ next-token agreement with the teacher and KL(teacher ‖ student), the tokens it
 a pipeline preset; its teacher's own GGUF, when it came from one, is a row too (llama.cpp on the same test rows:
 "what users run today").
 
-Stage outputs go to ``WORKDIR/ablation/<row>/...``; a finished stage is reused by a re-run (the stages resume
-from their checkpoints), so an interrupted benchmark continues where it stopped. ``--fresh`` starts over.
+Stage outputs go to ``WORKDIR/ablation/stages/<stage>-<key>``, keyed by the student a stage starts from and its
+config: rows that share a prefix of stages train it once and count its tokens and training time each (the table states
+what each row *costs*, not what this run spent). A finished stage is reused by a re-run (the stages resume from their
+checkpoints), so an interrupted benchmark continues where it stopped. ``--fresh`` starts over.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -102,6 +106,13 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
+def _stage_dir(root: Path, student_dir: Path, stage_name: str, cfg: Any) -> Path:
+    """Where a stage run goes: named by what it starts from and its config, so rows that share a prefix of stages
+    (the layer-wise stage of the last three rows, the CPT of both KD rows) train it once."""
+    key = json.dumps([str(student_dir), stage_name, cfg.model_dump(mode="json")], sort_keys=True)
+    return root / "stages" / f"{stage_name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
 def prepare_preset(args: argparse.Namespace) -> None:
     """World and teacher of a pipeline preset under WORKDIR (reused when built), and the preset's batch, lr, rank."""
     from flows.config import preset
@@ -145,40 +156,43 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    results.append({"row": "teacher (full precision)", "tokens": 0, "wall_s": 0.0, "bpw": 16.0, **evaluate(teacher)})
+    results.append({"row": "teacher (full precision)", "tokens": 0, "train_s": 0.0, "bpw": 16.0, **evaluate(teacher)})
     print(_line(results[-1]), flush=True)
     source = teacher_dir / SOURCE_FILE
     if source.is_file() and Path(gguf := json.loads(source.read_text())["gguf"]).is_file():
         rows = torch.cat([b["input_ids"] for b in iter_eval_batches(test, 16, args.eval_batches)])
-        t1 = time.perf_counter()
         ppl = gguf_perplexity(gguf, rows)
         results.append({"row": f"teacher's own GGUF ({Path(gguf).name}, llama.cpp)", "tokens": 0, "ppl": ppl,
-                        "top1_agreement": float("nan"), "kl": float("nan"), "wall_s": time.perf_counter() - t1,
+                        "top1_agreement": float("nan"), "kl": float("nan"), "train_s": 0.0,
                         "stages": "—", "bpw": float("nan")})
         print(_line(results[-1]), flush=True)
 
     finals: dict[str, Path] = {}
     for row in build_rows(args.steps, args.batch_size, args.lr, args.lrc_rank, args.seed):
-        t0 = time.perf_counter()
         if row.base is not None:
-            student_dir, tokens = finals[row.base], results_by_row(results)[row.base]["tokens"]
+            base = results_by_row(results)[row.base]
+            student_dir, tokens, train_s = finals[row.base], base["tokens"], base["train_s"]
         else:
-            student_dir, tokens = root / f"student-{row.subln}" / "model", 0
+            student_dir, tokens, train_s = root / f"student-{row.subln}" / "model", 0, 0.0
             if not (student_dir / "bitnet.json").is_file():
                 run_stage("convert", ConvertConfig(bitnet=BitNetConfig(subln=row.subln)), {"teacher": teacher_dir},
                           student_dir.parent)
-        out = root / _slug(row.name)
         for stage_name, cfg in row.stages:
-            stage_out = out / stage_name
-            run_stage(stage_name, cfg, {"student": student_dir, "teacher": teacher_dir, "world": world.root}, stage_out)
+            stage_out = _stage_dir(root, student_dir, stage_name, cfg)
+            m = run_stage(stage_name, cfg, {"student": student_dir, "teacher": teacher_dir, "world": world.root},
+                          stage_out)
             tokens += cfg.train.max_steps * cfg.data.batch_size * seq_len
+            train_s += float(m.get("wall_s") or 0.0)  # the stage's own training time, also when reused
+            shutil.rmtree(stage_out / "train" / "checkpoints", ignore_errors=True)  # resume state: 1.6 GB each (135M)
             student_dir = stage_out / "model"
         finals[row.name] = student_dir
         student = load_student(student_dir).eval()
-        rec = {"row": row.name, "tokens": tokens, "wall_s": time.perf_counter() - t0, "bpw": bits_per_weight(student),
+        rec = {"row": row.name, "tokens": tokens, "train_s": train_s, "bpw": bits_per_weight(student),
                "stages": "+".join(n for n, _ in row.stages) or "convert", **evaluate(student)}
         results.append(rec)
         print(_line(rec), flush=True)
+    print(f"ablation: {len(results)} rows in {time.perf_counter() - t0:.0f} s wall "
+          f"({torch.get_num_threads()} torch threads)", flush=True)
     return results
 
 
@@ -188,20 +202,20 @@ def results_by_row(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def _line(r: dict[str, Any]) -> str:
     return (f"{r['row']:<34} ppl {r['ppl']:9.2f}  top1 {r['top1_agreement']:.3f}  kl {r['kl']:.3f}  "
-            f"tokens {r['tokens']:>9,}  {r['wall_s']:7.1f}s")
+            f"tokens {r['tokens']:>9,}  train {r['train_s']:7.1f}s")
 
 
 def table(results: list[dict[str, Any]]) -> str:
     teacher_ppl = results[0]["ppl"]
     out = [
-        "| row | stages | test ppl | ×teacher | top-1 agreement | KL(T‖S) | bits/weight | train tokens | wall time |",
+        "| row | stages | test ppl | ×teacher | top-1 agreement | KL(T‖S) | bits/weight | train tokens | train time |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         out.append(
             f"| {r['row']} | {r.get('stages', '—')} | {r['ppl']:.2f} | {r['ppl'] / teacher_ppl:.3f} | "
             f"{r['top1_agreement']:.3f} | {r['kl']:.3f} | {r.get('bpw', float('nan')):.2f} | {r['tokens']:,} | "
-            f"{r['wall_s']:.0f} s |"
+            f"{r['train_s']:.0f} s |"
         )
     return "\n".join(out)
 

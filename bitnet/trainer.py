@@ -142,7 +142,8 @@ class TrainResult:
     train_loss: float
     val_loss: float | None
     resumed_from: int | None
-    wall_s: float
+    wall_s: float  # of this attempt
+    tokens_this_run: int = 0  # trained by this attempt (``tokens`` counts the resumed ones too): tokens/s
     history: list[dict[str, float]] = field(default_factory=list)
     skipped_checkpoints: list[str] = field(default_factory=list)
 
@@ -617,6 +618,7 @@ class Trainer:
         start = time.perf_counter()
         self.sweep_stale()
         resumed_from = self.resume()
+        tokens_before = self.tokens  # what earlier attempts trained (0 on a fresh start)
         if resumed_from is None:
             torch.manual_seed(cfg.seed + self.rank)
             random.seed(cfg.seed + self.rank)
@@ -696,6 +698,7 @@ class Trainer:
         return TrainResult(
             steps=self.step,
             tokens=self.tokens,
+            tokens_this_run=self.tokens - tokens_before,
             train_loss=self.last_loss,
             val_loss=val_loss,
             resumed_from=resumed_from,

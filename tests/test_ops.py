@@ -252,6 +252,12 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+# The kill must land while CPT trains: it comes once two checkpoints (step 8) are seen, after a poll loop whose
+# server calls take seconds on contended cores. With 16 steps the tiny model finished CPT inside that window (the
+# retry then found CPT Cached); 96 leave 88 steps of margin, about 20 s of training on a free core.
+CPT_STEPS = 96
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("BITDISTILL_REAL_SERVER_TESTS"),
                     reason="real Prefect server + worker crash test (6-15 min); set BITDISTILL_REAL_SERVER_TESTS=1. "
@@ -276,7 +282,7 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
            "BITDISTILL_CODE_VERSION": "crash-test"}  # pinned: concurrent edits of bitnet/ must not change keys
     root, mlflow_uri = tmp_path / "artifacts", f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = {"store": {"root": str(root)}, "tracking": {"uri": mlflow_uri},
-              "cpt": {"train": {"max_steps": 16, "ckpt_every": 4}}}
+              "cpt": {"train": {"max_steps": CPT_STEPS, "ckpt_every": 4}}}
     procs: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> subprocess.Popen[str]:  # output to a file: a full pipe would stall a chatty worker
@@ -322,6 +328,7 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
             ckpts = sorted(p.parent for p in root.glob("cpt/*/train/checkpoints/step-*[0-9]/trainer.json"))
             time.sleep(0.5)
         assert len(ckpts) >= 2, "CPT wrote no checkpoints in time"
+        assert not (ckpts[-1].parents[2] / "metrics.json").exists(), "CPT finished before the kill: the test raced"
         for pid in [*_descendants(worker.pid), worker.pid]:  # the flow-run process and the worker, by PID
             os.kill(pid, signal.SIGKILL)
         t_kill = time.monotonic()
@@ -346,11 +353,12 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
                           "cpt": "Completed", "kd": "Completed", "lrc": "Completed", "export": "Completed",
                           "eval": "Completed"}, states
         metrics = json.loads((cpt_dir / "metrics.json").read_text())
-        assert metrics["resumed_from"] >= killed_at and metrics["steps"] == 16, (metrics, killed_at)
+        assert metrics["resumed_from"] >= killed_at and metrics["steps"] == CPT_STEPS, (metrics, killed_at)
         task_runs = _get(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
         assert {t["state"]["type"] for t in task_runs} <= {"COMPLETED", "CRASHED"}, task_runs  # nothing "Running"
         logs = _logs(api, run_id)
-        assert any(m.startswith(f"cpt: resumed from step {metrics['resumed_from']}/16 (checkpoint ") for m in logs)
+        resumed = f"cpt: resumed from step {metrics['resumed_from']}/{CPT_STEPS} (checkpoint "
+        assert any(m.startswith(resumed) for m in logs)
         assert not any("computing cache key" in m for m in logs)
 
         client = MlflowClient(tracking_uri=mlflow_uri)

@@ -228,6 +228,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(small_world, tmp_p
     with caplog.at_level(logging.WARNING, logger="bitnet.trainer"):
         again, result = _four_steps(small_world, tmp_path)
     assert result.resumed_from == 2 and result.steps == 4
+    assert result.tokens_this_run * 2 == result.tokens  # steps 3-4 of 4: tokens/s counts this attempt's tokens
     assert result.skipped_checkpoints == ["step-00000004: checksum mismatch in model.safetensors"]
     assert "skipping checkpoint" in caplog.text and "stale temporary" in caplog.text
     assert not any(d.exists() for d in stale)

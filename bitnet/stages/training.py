@@ -133,7 +133,7 @@ def train_and_save(
     result = trainer.fit()
     metrics: dict[str, Any] = {"steps": result.steps, "tokens": result.tokens, "train_loss": result.train_loss,
                                "val_loss": result.val_loss, "wall_s": result.wall_s,
-                               "tokens_per_s": result.tokens / result.wall_s if result.wall_s > 0 else None,
+                               "tokens_per_s": result.tokens_this_run / result.wall_s if result.wall_s > 0 else None,
                                "peak_rss_gb": peak_rss_gb(), "resumed_from": result.resumed_from}
     if torch.cuda.is_available():
         metrics["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
