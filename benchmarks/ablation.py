@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -102,8 +103,21 @@ def build_rows(total: int, batch_size: int, lr: float, lrc_rank: int, seed: int)
     ]
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+class _CachedLogits(torch.nn.Module):
+    """The teacher's logits of each eval batch, computed once for all rows (16 × 256 × 49,152 fp32 = 0.8 GB a batch
+    for SmolLM2: cap the batches with ``--eval-batches``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        key = hashlib.sha256(input_ids.cpu().numpy().tobytes()).hexdigest()
+        if key not in self.cache:
+            with torch.no_grad():
+                self.cache[key] = self.model(input_ids=input_ids).logits
+        return SimpleNamespace(logits=self.cache[key])
 
 
 def _stage_dir(root: Path, student_dir: Path, stage_name: str, cfg: Any) -> Path:
@@ -151,8 +165,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     seq_len = world.info["config"]["seq_len"]
     test = world.dataset("test")
 
+    cached_teacher = _CachedLogits(teacher)
+
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        return compare_to_teacher(model, teacher, iter_eval_batches(test, 16, args.eval_batches))
+        return compare_to_teacher(model, cached_teacher, iter_eval_batches(test, 16, args.eval_batches))
 
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()

@@ -16,6 +16,9 @@ class StageRow(BaseModel):
     cached: bool = False
     final_loss: float | None = None
     perplexity: float | None = None
+    tokens: int | None = Field(default=None, description="training tokens of the stage (its manifest metrics)")
+    tokens_per_s: float | None = None
+    peak_gb: float | None = Field(default=None, description="peak memory of the run that made it: CUDA, else RSS")
     wall_s: float = 0.0
     uri: str | None = None
     note: str = ""
@@ -44,14 +47,16 @@ def markdown(summary: RunSummary) -> str:
     lines = [
         f"# bitdistill · preset `{summary.preset}` · run `{summary.flow_run}`",
         "",
-        "| stage | status | cached? | final loss | perplexity | wall time | artifact |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | status | cached? | final loss | perplexity | tokens | tokens/s | peak memory | wall time "
+        "| artifact |",
+        "|---|---|---|---|---|---:|---:|---:|---|---|",
     ]
     for r in summary.stages:
         status = r.status + (f" ({r.note})" if r.note else "")
         lines.append(
             f"| {r.stage} | {status} | {'yes' if r.cached else 'no'} | {_fmt(r.final_loss)} | {_fmt(r.perplexity)} "
-            f"| {r.wall_s:.1f} s | {r.uri or '–'} |"
+            f"| {'–' if r.tokens is None else f'{r.tokens:,}'} | {_fmt(r.tokens_per_s, 0, 'f')} "
+            f"| {'–' if r.peak_gb is None else f'{r.peak_gb:.1f} GB'} | {r.wall_s:.1f} s | {r.uri or '–'} |"
         )
     if ev := summary.evaluation:
         lines += ["", f"## held-out evaluation ({ev.get('split', '?')} split)", "",
@@ -65,9 +70,19 @@ def markdown(summary: RunSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _as_float(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
 def stage_numbers(metrics: dict[str, Any]) -> tuple[float | None, float | None]:
     """(final training loss, perplexity) from a stage's manifest metrics."""
-    loss = metrics.get("train_loss")
     ppl = metrics.get("val_ppl", metrics.get("test_ppl", metrics.get("unigram_test_ppl")))
-    as_float = lambda v: float(v) if isinstance(v, int | float) else None  # noqa: E731
-    return as_float(loss), as_float(ppl)
+    return _as_float(metrics.get("train_loss")), _as_float(ppl)
+
+
+def stage_throughput(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``tokens``, ``tokens_per_s`` and ``peak_gb`` (CUDA when measured, else RSS) of a training stage's metrics."""
+    tokens = _as_float(metrics.get("tokens"))
+    peak = _as_float(metrics.get("peak_cuda_gb")) or _as_float(metrics.get("peak_rss_gb"))
+    return {"tokens": None if tokens is None else int(tokens), "tokens_per_s": _as_float(metrics.get("tokens_per_s")),
+            "peak_gb": peak}

@@ -23,7 +23,7 @@ from prefect.states import Failed, State
 
 from bitnet.stages import STAGES
 from flows.config import PipelineConfig, StepOptions
-from flows.report import RunSummary, StageRow, markdown, stage_numbers
+from flows.report import RunSummary, StageRow, markdown, stage_numbers, stage_throughput
 from tasks.artifacts import ArtifactError, ArtifactRef, ArtifactStore
 from tasks.compute import preflight
 from tasks.stages import stage_task
@@ -110,9 +110,11 @@ class StageRunner:
         self.summary.stages.append(StageRow(
             stage=name, status="cached" if cached else "reused" if reused else "completed", state=state.name,
             cached=cached or reused, final_loss=loss, perplexity=ppl, wall_s=wall, uri=ref.uri,
-            note="valid manifest" if reused else "",
+            note="valid manifest" if reused else "", **(speed := stage_throughput(manifest.metrics)),
         ))
-        self.logger.info("%s: %s in %.1f s → %s", name, state.name, wall, ref.uri)
+        trained = (f" ({speed['tokens']:,} tokens, {speed['tokens_per_s'] or 0:.0f} tok/s, peak "
+                   f"{speed['peak_gb'] or 0:.1f} GB)" if speed["tokens"] else "")
+        self.logger.info("%s: %s in %.1f s%s → %s", name, state.name, wall, trained, ref.uri)
         self.lineage.stage(name, ref, manifest, cached=cached or reused, wall_s=wall, started=started)
         if name == "eval":
             self.summary.evaluation = {k: v for k, v in manifest.metrics.items() if k != "val_ppl"}

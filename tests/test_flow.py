@@ -125,7 +125,13 @@ def test_tiny_flow_end_to_end_cached_rerun_and_invalidation(prefect_home, corpus
     gguf = Path(summary.gguf.removeprefix("file://"))
     assert gguf.is_file() and (gguf.parent / "lrc-lora.gguf").is_file()  # the LRC student's adapter
     assert summary.row("lrc").perplexity and summary.row("teacher").final_loss
-    assert Path(summary.report.removeprefix("file://")).read_text().startswith("# bitdistill")
+    for name in ("layerwise", "cpt", "kd", "lrc"):  # the report states each training stage's tokens, speed, memory
+        r = summary.row(name)
+        step = cfg.step(name)
+        assert r.tokens == step.train.max_steps * step.data.batch_size * cfg.world.seq_len, (name, r.tokens)
+        assert r.tokens_per_s > 0 and r.peak_gb > 0.1, r
+    report = Path(summary.report.removeprefix("file://")).read_text()
+    assert report.startswith("# bitdistill") and f"| {summary.row('cpt').tokens:,} |" in report
     check_agreement_columns(summary, cfg)
 
     # a second run with the same config: every stage is a Prefect cache hit
