@@ -254,15 +254,12 @@ def _descendants(pid: int) -> list[int]:
 
 # The kill must land while CPT trains: it comes once two checkpoints (step 8) are seen, after a poll loop whose
 # server calls take seconds on contended cores. With 16 steps the tiny model finished CPT inside that window (the
-# retry then found CPT Cached); 96 leave 88 steps of margin, about 20 s of training on a free core.
+# retry then found CPT Cached); 96 leave 88 steps of margin, about 20 s of training on a free core. Passed in 4 min 40 s
+# with the two cores shared with a SmolLM2 training run.
 CPT_STEPS = 96
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("BITDISTILL_REAL_SERVER_TESTS"),
-                    reason="real Prefect server + worker crash test (6-15 min); set BITDISTILL_REAL_SERVER_TESTS=1. "
-                    "Passed on its branch; in the merged suite one run under 3x CPU contention found CPT 'Cached' "
-                    "after the retry where 'Completed' is expected — under investigation, see issue 11's note")
 @pytest.mark.timeout(1800)  # ~6 min on 2 free cores; 15 min measured with the cores shared 4 ways
 def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
     """prefect server + `deployments/setup_server.py` + a process worker: the smoke deployment with a longer CPT;
@@ -374,8 +371,17 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
         eval_id = run_deployment("bitdistill/eval-only", {**params, "config": {**config, "kd": {"temperature": 3.0}}})
         assert wait_state(eval_id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=300) == "FAILED"
         assert set(root.glob("kd/*")) == kd_dirs
+        # the flow-run process ships its logs in batches (APILogHandler): the run can be FAILED before they land
+        deadline = time.monotonic() + 60
+        while not any("Traceback" in m for m in _logs(api, eval_id)) and time.monotonic() < deadline:
+            time.sleep(1)
+        time.sleep(5)  # a second traceback would come in the same or the next batch
         failed_logs = _logs(api, eval_id)
-        assert sum("Traceback" in m for m in failed_logs) == 1, failed_logs  # one traceback per failure
+        # one traceback for the failure: the stage's, in its task run's log. Prefect's process runner adds its own
+        # "Engine execution exited with unexpected exception" (it re-raises every failed flow's state): that one is
+        # the flow engine's, not a second report of the stage's error by this project
+        tracebacks = [m.split("\n", 1)[0] for m in failed_logs if "Traceback" in m]
+        assert len([m for m in tracebacks if not m.startswith("Engine execution exited")]) == 1, tracebacks
         assert not any("computing cache key" in m for m in failed_logs)
 
         logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
