@@ -17,7 +17,10 @@ a pipeline preset; its teacher's own GGUF, when it came from one, is a row too (
 Stage outputs go to ``WORKDIR/ablation/stages/<stage>-<key>``, keyed by the student a stage starts from and its
 config: rows that share a prefix of stages train it once and count its tokens and training time each (the table states
 what each row *costs*, not what this run spent). A finished stage is reused by a re-run (the stages resume from their
-checkpoints), so an interrupted benchmark continues where it stopped. ``--fresh`` starts over.
+checkpoints), so an interrupted benchmark continues where it stopped; a finished row's metrics are stored next to its
+student (``ablation-eval-<test batches>.json``), so adding a row re-evaluates only that row. ``--fresh`` starts over.
+With ``--preset`` the KD rows use the preset's stage-3 weights (τ, β, γ); when they are not the paper's, a row with
+the paper's weights is added.
 """
 
 from __future__ import annotations
@@ -66,7 +69,14 @@ def _train(steps: int, lr: float, seed: int) -> TrainConfig:
                        ckpt_every=max(1, steps // 4), log_every=10, seed=seed, progress=False)
 
 
-def build_rows(total: int, batch_size: int, lr: float, lrc_rank: int, seed: int) -> list[Row]:
+PAPER_KD = {"temperature": 5.0, "beta": 10.0, "gamma": 1e5}  # BitDistill's τ, β, γ: the KDConfig defaults
+
+
+def build_rows(total: int, batch_size: int, lr: float, lrc_rank: int, seed: int,
+               kd_weights: dict[str, float] | None = None) -> list[Row]:
+    """The ablation's rows. ``kd_weights`` (τ, β, γ of stage 3; default the paper's) come from ``--preset``: when
+    they differ from the paper's, a row with the paper's weights is added for comparison."""
+    kd_weights = kd_weights or PAPER_KD
     data = StageData(batch_size=batch_size, eval_batch_size=16, eval_max_batches=4)
     lw_steps, cpt_steps = max(1, total // 5), max(1, (2 * total) // 5)
     kd_steps = total - lw_steps - cpt_steps
@@ -77,8 +87,11 @@ def build_rows(total: int, batch_size: int, lr: float, lrc_rank: int, seed: int)
     def layerwise() -> LayerwiseConfig:
         return LayerwiseConfig(train=_train(lw_steps, lr, seed), data=data)
 
-    def kd(objective: str) -> KDConfig:
-        return KDConfig(objective=objective, train=_train(kd_steps, lr, seed), data=data)
+    def kd(objective: str, weights: dict[str, float], steps: int = kd_steps) -> KDConfig:
+        return KDConfig(objective=objective, **weights, train=_train(steps, lr, seed), data=data)
+
+    def full(objective: str, weights: dict[str, float]) -> list[tuple[str, Any]]:
+        return [("layerwise", layerwise()), ("cpt", cpt(cpt_steps, cpt_steps // 4)), ("kd", kd(objective, weights))]
 
     lrc_steps = max(1, total // 10)
 
@@ -92,14 +105,18 @@ def build_rows(total: int, batch_size: int, lr: float, lrc_rank: int, seed: int)
         Row("+λ warm-up (stage 2)", "standard", [("cpt", cpt(total, total // 4))]),
         Row("+layer-wise distillation (1.9)", "standard",
             [("layerwise", layerwise()), ("cpt", cpt(total - lw_steps, (total - lw_steps) // 4))]),
-        Row("+KD (BitDistill)", "standard",
-            [("layerwise", layerwise()), ("cpt", cpt(cpt_steps, cpt_steps // 4)), ("kd", kd("bitdistill"))]),
-        Row("+KD (TCS)", "standard",
-            [("layerwise", layerwise()), ("cpt", cpt(cpt_steps, cpt_steps // 4)), ("kd", kd("tcs"))]),
+        Row("+KD (BitDistill)", "standard", full("bitdistill", kd_weights)),
+        *([Row("+KD (BitDistill), the paper's τ = 5, β = 10, γ = 1e5", "standard",
+               full("bitdistill", PAPER_KD))] if kd_weights != PAPER_KD else []),
+        Row("+KD (TCS)", "standard", full("tcs", kd_weights)),
         Row("+LRC, zero init (on +KD BitDistill)", "standard", [("lrc", lrc("zero"))], base="+KD (BitDistill)"),
         Row("+LRC, closed-form init (on +KD BitDistill)", "standard", [("lrc", lrc("closed_form"))],
             base="+KD (BitDistill)"),
         Row("PTQ + LRC, closed-form init (no QAT)", "none", [("lrc", lrc("closed_form"))], base="naive ternary PTQ"),
+        Row("full pipeline without SubLN (λ warm-up + layer-wise + KD BitDistill)", "none",
+            full("bitdistill", kd_weights)),
+        Row("BitNet-SFT with the KD objective instead of CE (no SubLN, KD BitDistill for every step)", "none",
+            [("kd", kd("bitdistill", kd_weights, total))]),
     ]
 
 
@@ -138,6 +155,7 @@ def prepare_preset(args: argparse.Namespace) -> None:
     if not (workdir / "teacher" / "model" / "config.json").is_file():
         run_stage("teacher", cfg.teacher.stage_config(), {"world": workdir / "world"}, workdir / "teacher")
     args.batch_size, args.lr, args.lrc_rank = cfg.cpt.data.batch_size, cfg.cpt.train.lr, cfg.lrc.rank
+    args.kd_weights = {"temperature": cfg.kd.temperature, "beta": cfg.kd.beta, "gamma": cfg.kd.gamma}
 
 
 def bits_per_weight(model: torch.nn.Module) -> float:
@@ -170,6 +188,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         return compare_to_teacher(model, cached_teacher, iter_eval_batches(test, 16, args.eval_batches))
 
+    def evaluate_student(student_dir: Path) -> dict[str, float]:
+        """Metrics and bits/weight of a finished student, computed once per test-row cap (next to the student, so a
+        re-run with more rows evaluates only the new ones)."""
+        cache = student_dir.parent / f"ablation-eval-{args.eval_batches or 'all'}.json"
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        student = load_student(student_dir).eval()
+        metrics = {"bpw": bits_per_weight(student), **evaluate(student)}
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(metrics))
+        tmp.replace(cache)
+        return metrics
+
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     results.append({"row": "teacher (full precision)", "tokens": 0, "train_s": 0.0, "bpw": 16.0, **evaluate(teacher)})
@@ -184,7 +215,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(_line(results[-1]), flush=True)
 
     finals: dict[str, Path] = {}
-    for row in build_rows(args.steps, args.batch_size, args.lr, args.lrc_rank, args.seed):
+    for row in build_rows(args.steps, args.batch_size, args.lr, args.lrc_rank, args.seed,
+                          getattr(args, "kd_weights", None)):
         if row.base is not None:
             base = results_by_row(results)[row.base]
             student_dir, tokens, train_s = finals[row.base], base["tokens"], base["train_s"]
@@ -202,9 +234,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             shutil.rmtree(stage_out / "train" / "checkpoints", ignore_errors=True)  # resume state: 1.6 GB each (135M)
             student_dir = stage_out / "model"
         finals[row.name] = student_dir
-        student = load_student(student_dir).eval()
-        rec = {"row": row.name, "tokens": tokens, "train_s": train_s, "bpw": bits_per_weight(student),
-               "stages": "+".join(n for n, _ in row.stages) or "convert", **evaluate(student)}
+        rec = {"row": row.name, "tokens": tokens, "train_s": train_s,
+               "stages": "+".join(n for n, _ in row.stages) or "convert", **evaluate_student(student_dir)}
         results.append(rec)
         print(_line(rec), flush=True)
     print(f"ablation: {len(results)} rows in {time.perf_counter() - t0:.0f} s wall "

@@ -93,9 +93,9 @@ def test_topk_kd_matches_loop_reference() -> None:
                 continue
             order = sorted(range(V), key=lambda j: -float(t[b, i, j]))[:k]
             zt = torch.tensor([float(t[b, i, j]) / tau for j in order])
-            zs = torch.tensor([float(s[b, i, j]) / tau for j in order])
-            log_p = zt - torch.logsumexp(zt, 0)
-            log_q = zs - torch.logsumexp(zs, 0)
+            log_p = zt - torch.logsumexp(zt, 0)  # the teacher renormalised over its top k
+            zs_all = s[b, i].double() / tau
+            log_q = torch.tensor([float(zs_all[j] - torch.logsumexp(zs_all, 0)) for j in order])  # full-vocab student
             total += float((log_p.exp() * (log_p - log_q)).sum())
             n += 1
     assert topk_kd_loss(s, t, k, tau, mask).item() == pytest.approx(total / n, rel=1e-5)
@@ -110,11 +110,32 @@ def test_topk_kd_properties() -> None:
     loss = topk_kd_loss(s, t, k=3, mask=mask)
     loss.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
-    assert topk_kd_loss(s, s.detach().clone(), k=3).abs().item() < 1e-6
-    assert topk_kd_loss(s + 7.0, s.detach(), k=3).abs().item() < 1e-6  # shift-invariant
+    assert topk_kd_loss(s + 7.0, s.detach(), k=3).item() == pytest.approx(topk_kd_loss(s, s.detach(), k=3).item())
+    # the minimum is the teacher's top-k distribution itself (no student mass outside it): push the other logits
+    # far down and the loss goes to 0
+    top = t.detach().topk(3, dim=-1).indices
+    peaked = torch.full_like(t, -1e4).scatter(-1, top, t.detach().gather(-1, top))
+    assert topk_kd_loss(peaked, t, k=3).item() < 1e-6
     torch.testing.assert_close(topk_kd_loss(_garble(s, mask), _garble(t, mask), k=3, mask=mask), loss.detach())
     with pytest.raises(ValueError):
         topk_kd_loss(s, t, k=0)
+
+
+def test_topk_kd_penalises_student_mass_outside_the_teachers_top_k() -> None:
+    """KL(p̂_T ‖ q_S) = KL(p̂_T ‖ q̃_S) − log M_S (q̃_S: the student renormalised over the top k, M_S its mass there).
+
+    A student that matches the teacher's top-k ratios exactly but puts most of its mass elsewhere has
+    KL(p̂_T ‖ q̃_S) = 0, so its loss is exactly −log M_S: the renormalised-only loss would call it perfect.
+    """
+    t = torch.randn(B, T, V)
+    k, tau = 4, 2.0
+    top = t.topk(k, dim=-1).indices
+    s = torch.full_like(t, 0.0).scatter(-1, top, t.gather(-1, top) + 3.0)  # same top-k ratios, the rest at 0
+    z = s / tau
+    mass = z.softmax(-1).gather(-1, top).sum(-1)  # M_S per token
+    assert 0.0 < mass.min() and mass.max() < 1.0
+    expected = (-mass.log()).mean().item()
+    assert topk_kd_loss(s, t, k, tau).item() == pytest.approx(expected, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- relations
