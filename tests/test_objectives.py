@@ -124,7 +124,7 @@ def test_topk_kd_properties() -> None:
 def test_topk_kd_penalises_student_mass_outside_the_teachers_top_k() -> None:
     """KL(p̂_T ‖ q_S) = KL(p̂_T ‖ q̃_S) − log M_S (q̃_S: the student renormalised over the top k, M_S its mass there).
 
-    A student that matches the teacher's top-k ratios exactly but puts most of its mass elsewhere has
+    A student that matches the teacher's top-k ratios exactly but puts part of its mass elsewhere has
     KL(p̂_T ‖ q̃_S) = 0, so its loss is exactly −log M_S: the renormalised-only loss would call it perfect.
     """
     t = torch.randn(B, T, V)
