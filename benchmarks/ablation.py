@@ -69,7 +69,7 @@ def _train(steps: int, lr: float, seed: int) -> TrainConfig:
                        ckpt_every=max(1, steps // 4), log_every=10, seed=seed, progress=False)
 
 
-PAPER_KD = {"temperature": 5.0, "beta": 10.0, "gamma": 1e5}  # BitDistill's τ, β, γ: the KDConfig defaults
+PAPER_KD = {k: KDConfig.model_fields[k].default for k in ("temperature", "beta", "gamma")}  # BitDistill's τ, β, γ
 
 
 def build_rows(total: int, batch_size: int, lr: float, lrc_rank: int, seed: int,
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     finals: dict[str, Path] = {}
     for row in build_rows(args.steps, args.batch_size, args.lr, args.lrc_rank, args.seed,
-                          getattr(args, "kd_weights", None)):
+                          args.kd_weights):
         if row.base is not None:
             base = results_by_row(results)[row.base]
             student_dir, tokens, train_s = finals[row.base], base["tokens"], base["train_s"]
@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="delete WORKDIR/ablation first")
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--markdown", help="write the table as markdown here")
+    p.set_defaults(kd_weights=None)  # stage-3 τ, β, γ: the paper's, or the preset's (prepare_preset)
     args = p.parse_args(argv)
     args.workdir = args.workdir or (f"runs/{args.preset}/ablation-base" if args.preset else "runs/tiny")
     results = run(args)
