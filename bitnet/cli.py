@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bitnet.config import ConfigError
+from bitnet.families import graph_names
 
 DEFAULT_WORKDIR = Path("runs/tiny")
 INPUT_FLAGS = ("world", "teacher", "student", "naive", "model")  # `bitdistill stage NAME --<input> DIR`
@@ -113,9 +114,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from bitnet.export import export_gguf
     from bitnet.export.plan import plan_export
-    from bitnet.student import load_student
+    from bitnet.student import load_student, student_dir
 
-    student = Path(args.student)
+    student = student_dir(args.student)  # a stage output or its model/
     if not student.is_dir():
         raise CLIError(f"student directory {student} does not exist")
     options = {"weight_type": args.type, "embedding_type": args.embedding_type, "delta": args.delta,
@@ -158,13 +159,29 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from bitnet.serve import ServerUnavailableError, serve
 
-    if not Path(args.model).is_file():
+    model, lora = export_files(args.model, args.lora)
+    if not model.is_file():
         raise CLIError(f"model file {args.model} does not exist")
     try:
-        serve(args.model, host=args.host, port=args.port, lora=args.lora, n_ctx=args.n_ctx, n_threads=args.threads)
+        serve(model, host=args.host, port=args.port, lora=lora, n_ctx=args.n_ctx, n_threads=args.threads)
     except ServerUnavailableError as e:
         raise CLIError(str(e)) from e
     return 0
+
+
+def export_files(model: str | Path, lora: str | Path | None) -> tuple[Path, Path | None]:
+    """An export stage's output directory → its GGUF and (unless ``lora`` is given) its LRC adapter, when it has one;
+    files are returned as they are."""
+    from bitnet.stages.export import GGUF_NAME, LORA_NAME
+
+    model = Path(model)
+    if model.is_dir() and (model / GGUF_NAME).is_file():
+        if lora is None and (model / LORA_NAME).is_file():
+            lora = model / LORA_NAME
+        model = model / GGUF_NAME
+    if lora is not None and Path(lora).is_dir() and (Path(lora) / LORA_NAME).is_file():
+        lora = Path(lora) / LORA_NAME
+    return model, Path(lora) if lora is not None else None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -172,6 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from bitnet.config import load_config
     from bitnet.evaluate import HarnessConfig, evaluate_model, load_model_for_eval, write_results
+    from bitnet.student import student_dir
     from bitnet.world import open_world
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks is not None else None
@@ -181,6 +199,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         {"tasks": tasks, "limit": args.limit, "max_blocks": args.max_blocks, "batch_size": args.batch_size,
          "num_fewshot": args.num_fewshot, "threads": args.threads, "n_cloze": args.n_cloze},
     )
+    if args.gguf:  # an export stage's output directory: its GGUF and LRC adapter
+        gguf_file, lora_file = export_files(args.gguf, args.lora)
+        args.gguf, args.lora = str(gguf_file), (str(lora_file) if lora_file else None)
     for flag, file in (("--gguf", args.gguf), ("--lora", args.lora)):
         if file and not Path(file).is_file():
             raise CLIError(f"{flag} file {file} does not exist")
@@ -188,14 +209,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_replaceable_file(Path(args.out), "--out", is_results_json, "an eval results JSON")
     world = open_world(args.world)
     model = load_model_for_eval(args.model)
-    model_dir = Path(args.model)
+    model_dir = student_dir(args.model)  # a stage output's model/ (the README: --model takes either)
     own_tokenizer = (model_dir / "tokenizer_config.json").is_file()
     tok_source = args.tokenizer or (str(model_dir) if own_tokenizer else str(world.tokenizer_dir))
     tokenizer = AutoTokenizer.from_pretrained(tok_source)
     eval_dir = Path(args.eval_dir) if args.eval_dir else Path(args.world).resolve().parent / "eval"
     results = evaluate_model(model, tokenizer, world.dataset(cfg.split), eval_dir / f"data-{cfg.split}", cfg,
                              name=str(args.model), gguf=args.gguf, lora=args.lora)
-    out = Path(args.out) if args.out else eval_dir / f"results-{model_dir.name or 'model'}.json"
+    out = Path(args.out) if args.out else eval_dir / f"results-{Path(args.model).name or 'model'}.json"
     check_replaceable_file(out, "--out", is_results_json, "an eval results JSON")
     write_results(results, out)
     print(results.table())
@@ -336,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exact type for rows TQ2_0/TQ1_0 cannot hold (default: %(default)s = q4_0, measured faster)")
     ex.add_argument("--embedding-type", choices=["f16", "f32", "q8_0", "q6_k"], default="f16",
                     help="token embedding / output matrix (default: %(default)s)")
-    ex.add_argument("--arch", choices=["auto", "bitnet", "llama", "qwen2", "qwen3"], default="auto",
+    ex.add_argument("--arch", choices=["auto", *graph_names()], default="auto",
                     help="llama.cpp graph (default: bitnet for SubLN students, the native graph for --subln none)")
     ex.add_argument("--delta", choices=["auto", "tensor", "fold"], default="auto",
                     help="Δ as an exact .scale tensor or folded into the block scales (default: %(default)s)")
@@ -348,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="serve a GGUF with llama.cpp's OpenAI-compatible HTTP server")
-    sv.add_argument("model", help="the .gguf file")
+    sv.add_argument("model", help="the .gguf file, or an export stage output (its student.gguf and lrc-lora.gguf)")
     sv.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
     sv.add_argument("--port", type=int, default=8000, help="listen port (default: %(default)s)")
     sv.add_argument("--lora", help="LoRA adapter GGUF to apply (the LRC adapter of an LRC student)")
@@ -358,9 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity (PyTorch, lm-eval rolling, llama.cpp) and lm-eval tasks of a model")
     ev.add_argument("--model", required=True,
-                    help="student directory, or an HF model directory / hub id (e.g. the teacher)")
+                    help="student directory or a stage output holding one, or an HF model directory / hub id "
+                    "(e.g. the teacher)")
     ev.add_argument("--world", default=str(DEFAULT_WORKDIR / "world"), help="built world (default: %(default)s)")
-    ev.add_argument("--gguf", help="also evaluate this GGUF through llama.cpp (perplexity on the same blocks)")
+    ev.add_argument("--gguf", help="also evaluate this GGUF (or an export stage output) through llama.cpp "
+                    "(perplexity on the same blocks)")
     ev.add_argument("--lora", help="LoRA/LRC adapter GGUF applied with --gguf")
     ev.add_argument("--tasks",
                     help="comma-separated lm-eval tasks (default: bitdistill_heldout,bitdistill_cloze; '' for none)")

@@ -1,46 +1,28 @@
 """Hugging Face causal LM → BitNet student (BitDistill stage 1).
 
 Every ``nn.Linear`` inside the decoder blocks becomes a :class:`~bitnet.layers.BitLinear`; embeddings,
-norms and ``lm_head`` stay full precision. SubLN is inserted on the input of the attention output
-projection and of the MLP down projection (``standard``, the paper's placement and llama.cpp's
+norms and ``lm_head`` stay full precision. Where the decoder blocks are and which projections get SubLN is the
+model family's :class:`~bitnet.families.DecoderLayout` (:mod:`bitnet.families`). SubLN is inserted on the input of the
+attention output projection and of the MLP down projection (``standard``, the paper's placement and llama.cpp's
 ``attn_sub_norm`` / ``ffn_sub_norm``), on the input of every BitLinear (``all``, as the official
 BitDistill config ships) or nowhere (``none``, plain BitNet-SFT).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from bitnet.families import UnsupportedFamilyError, family_for, family_of, model_types
 from bitnet.layers import BitLinear, BitLinearLRC, bit_linears
 
 SubLNPlacement = Literal["standard", "all", "none"]
 
 
-class UnsupportedArchitectureError(ValueError):
-    """The model's architecture has no conversion rule."""
-
-
-@dataclass(frozen=True)
-class ArchRule:
-    """Where the decoder blocks of an architecture live and which projections get SubLN."""
-
-    model_types: tuple[str, ...]
-    layers_attr: str  # dotted path from the CausalLM to the ModuleList of decoder blocks
-    attn_out: str  # dotted path inside a block
-    mlp_down: str
-    notes: str = ""
-
-
-ARCH_RULES: dict[str, ArchRule] = {
-    "llama": ArchRule(("llama",), "model.layers", "self_attn.o_proj", "mlp.down_proj"),
-    "mistral": ArchRule(("mistral",), "model.layers", "self_attn.o_proj", "mlp.down_proj"),
-    "qwen2": ArchRule(("qwen2",), "model.layers", "self_attn.o_proj", "mlp.down_proj", notes="q/k/v bias kept"),
-    "qwen3": ArchRule(("qwen3",), "model.layers", "self_attn.o_proj", "mlp.down_proj", notes="q/k norm kept"),
-}
+UnsupportedArchitectureError = UnsupportedFamilyError  # the model's architecture has no registered family
 
 
 class BitNetConfig(BaseModel):
@@ -55,16 +37,8 @@ class BitNetConfig(BaseModel):
 
 
 def supported_architectures() -> list[str]:
-    return sorted(ARCH_RULES)
-
-
-def arch_rule(model_type: str) -> ArchRule:
-    for rule in ARCH_RULES.values():
-        if model_type in rule.model_types:
-            return rule
-    raise UnsupportedArchitectureError(
-        f"architecture {model_type!r} is not supported; supported: {', '.join(supported_architectures())}"
-    )
+    """The HF model types some registered family accepts (:mod:`bitnet.families`)."""
+    return model_types()
 
 
 def _get(module: nn.Module, dotted: str) -> nn.Module:
@@ -79,10 +53,10 @@ def _set(module: nn.Module, dotted: str, value: nn.Module) -> None:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    rule = arch_rule(getattr(model.config, "model_type", "?"))
-    layers = _get(model, rule.layers_attr)
+    layout = family_of(model).layout
+    layers = _get(model, layout.layers_attr)
     if not isinstance(layers, nn.ModuleList):
-        raise UnsupportedArchitectureError(f"{rule.layers_attr} of {type(model).__name__} is not a ModuleList")
+        raise UnsupportedArchitectureError(f"{layout.layers_attr} of {type(model).__name__} is not a ModuleList")
     return layers
 
 
@@ -95,12 +69,12 @@ def convert_to_bitnet(model: nn.Module, config: BitNetConfig | None = None) -> n
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise UnsupportedArchitectureError(f"{type(model).__name__} has no Hugging Face config.model_type")
-    rule = arch_rule(model_type)
+    layout = family_for(model_type).layout
     if getattr(model, "bitnet_config", None) is not None:
         raise ValueError("model is already a BitNet student")
     eps = config.norm_eps if config.norm_eps is not None else float(getattr(model.config, "rms_norm_eps", 1e-6))
     for block in decoder_layers(model):
-        sub_norm_targets = {rule.attn_out, rule.mlp_down}
+        sub_norm_targets = layout.subln_targets()
         linears = [(name, m) for name, m in block.named_modules() if type(m) is nn.Linear]
         if not linears:
             raise UnsupportedArchitectureError(f"no nn.Linear found in a {type(block).__name__}")
@@ -116,14 +90,20 @@ def convert_to_bitnet(model: nn.Module, config: BitNetConfig | None = None) -> n
     return model
 
 
-def add_lrc(model: nn.Module, rank: int) -> nn.Module:
-    """Replace every BitLinear of a converted student with a BitLinearLRC of the given rank (in place)."""
+def add_lrc(model: nn.Module, rank: int, seed: int = 0) -> nn.Module:
+    """Replace every BitLinear of a converted student with a BitLinearLRC of the given rank (in place).
+
+    The random ``V`` of the fresh adapters is drawn from ``seed`` inside a forked RNG: the same student and seed give
+    the same adapters whatever the caller's global RNG state (so a recomputed stage writes the same bytes), and the
+    caller's RNG is left as it was."""
     cfg: BitNetConfig | None = getattr(model, "bitnet_config", None)
     if cfg is None:
         raise ValueError("add_lrc needs a converted BitNet student")
     if cfg.lrc_rank:
         raise ValueError(f"student already has LRC adapters of rank {cfg.lrc_rank}")
-    for name, layer in bit_linears(model):
-        _set(model, name, BitLinearLRC.from_bitlinear(layer, rank))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, layer in bit_linears(model):
+            _set(model, name, BitLinearLRC.from_bitlinear(layer, rank))
     model.bitnet_config = cfg.model_copy(update={"lrc_rank": rank})
     return model

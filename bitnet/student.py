@@ -115,12 +115,18 @@ def _is_tied_alias(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -
     return any(k in state and own[k].data_ptr() == ptr for k in own if k != key)
 
 
+def student_dir(path: str | Path) -> Path:
+    """The student directory of ``path``: ``path`` itself, or the ``model/`` of a stage output that holds one."""
+    path = Path(path)
+    if not (path / BITNET_CONFIG).is_file() and (path / "model" / BITNET_CONFIG).is_file():
+        return path / "model"
+    return path
+
+
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild the module tree described by ``path`` (a student directory, or a stage output holding one in
     ``model/``) and load its weights (identical logits)."""
-    path = Path(path)
-    if not (path / BITNET_CONFIG).is_file() and (path / "model" / BITNET_CONFIG).is_file():
-        path = path / "model"
+    path = student_dir(path)
     if not path.is_dir():
         raise CheckpointError(f"student checkpoint {path} does not exist")
     bcfg = read_bitnet_config(path)

@@ -52,11 +52,11 @@ class TinyTeacherConfig(BaseModel):
         return self
 
 
-def build_tiny_teacher(
-    cfg: TinyTeacherConfig, vocab_size: int, *, bos_token_id: int, eos_token_id: int
-) -> LlamaForCausalLM:
-    """A randomly initialised Llama causal LM with tied embeddings."""
-    hf_cfg = LlamaConfig(
+def tiny_teacher_config(
+    cfg: TinyTeacherConfig, vocab_size: int, *, bos_token_id: int = 0, eos_token_id: int = 0
+) -> LlamaConfig:
+    """The transformers config of the tiny teacher: a Llama with tied embeddings, no biases."""
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -76,8 +76,13 @@ def build_tiny_teacher(
         eos_token_id=eos_token_id,
         pad_token_id=eos_token_id,
     )
-    model = LlamaForCausalLM(hf_cfg)
-    return model
+
+
+def build_tiny_teacher(
+    cfg: TinyTeacherConfig, vocab_size: int, *, bos_token_id: int, eos_token_id: int
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama causal LM with tied embeddings."""
+    return LlamaForCausalLM(tiny_teacher_config(cfg, vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id))
 
 
 def load_teacher(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:

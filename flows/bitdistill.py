@@ -22,6 +22,7 @@ from prefect import flow  # noqa: E402
 from prefect.states import State  # noqa: E402
 
 from flows.config import STUDENT_STAGES, PipelineConfig, pipeline_config  # noqa: E402
+from flows.preflight import check_export_target  # noqa: E402
 from flows.report import RunSummary  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
 
@@ -45,8 +46,11 @@ def bitdistill(
     config: PipelineConfig | Mapping[str, Any] | None = None, preset: str | None = None
 ) -> RunSummary | State:
     """``preset``: tiny (default), smoke or a real-model preset; ``config``: a full config, or a partial mapping
-    merged over the preset (``{"kd": {"temperature": 2.0}}``)."""
-    return StageRunner.execute(pipeline, pipeline_config(config, preset))
+    merged over the preset (``{"kd": {"temperature": 2.0}}``). A student no llama.cpp graph takes is refused before
+    the first stage (:func:`flows.preflight.check_export_target`)."""
+    cfg = pipeline_config(config, preset)
+    check_export_target(cfg)
+    return StageRunner.execute(pipeline, cfg)
 
 
 @flow(name="bitdistill", validate_parameters=False)

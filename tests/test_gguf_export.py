@@ -373,9 +373,10 @@ def _untied(world) -> torch.nn.Module:
 
 UNSUPPORTED = {
     "untied": (_untied, "untied.*--subln none"),
-    "qwen2": (lambda w: convert_to_bitnet(tiny_model("qwen2")), "q/k/v biases and SubLN.*--subln none.*HF export"),
-    "qwen3": (lambda w: convert_to_bitnet(tiny_model("qwen3")), "q/k norms and SubLN.*--subln none.*HF export"),
-    "subln-all": (lambda w: convert_to_bitnet(tiny_model("llama"), BitNetConfig(subln="all")), "SubLN placement 'all'"),
+    "qwen2": (lambda w: convert_to_bitnet(tiny_model("qwen2")), "q/k/v projection biases.*--subln none.*HF export"),
+    "qwen3": (lambda w: convert_to_bitnet(tiny_model("qwen3")), "per-head q/k norms.*--subln none.*HF export"),
+    "subln-all": (lambda w: convert_to_bitnet(tiny_model("llama"), BitNetConfig(subln="all")),
+                  "SubLN 'all'.*--subln none"),
     "lambda": (lambda w: convert_to_bitnet(tiny_model("llama"), BitNetConfig(quant_lambda=0.5)), "quant_lambda"),
     "not-converted": (lambda w: tiny_model("llama"), "not a converted BitNet student"),
 }
@@ -435,6 +436,32 @@ def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
+
+
+def test_stage_outputs_are_accepted_where_a_model_is(student, small_world, tmp_path, capsys) -> None:
+    """A stage's output directory (the student in ``model/``, the export's ``student.gguf``) works wherever the README
+    says a model goes: ``export --student``, ``eval --model``, ``eval --gguf`` and ``serve`` (resolved to its files)."""
+    from bitnet.cli import export_files
+    from bitnet.evaluate import load_model_for_eval
+    from bitnet.stages.export import GGUF_NAME, LORA_NAME
+
+    stage = tmp_path / "kd"
+    save_student(student, stage / "model", tokenizer=small_world.tokenizer())
+    (stage / "metrics.json").write_text("{}")
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    assert main(["export", "--student", str(stage), "--out", str(export_dir / GGUF_NAME)]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    assert load_model_for_eval(stage).bitnet_config == student.bitnet_config
+    out = tmp_path / "results.json"
+    rc = main(["eval", "--model", str(stage), "--world", str(small_world.root), "--tasks", "", "--max-blocks", "1",
+               "--gguf", str(export_dir), "--eval-dir", str(tmp_path / "eval"), "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert set(json.loads(out.read_text())["perplexity"]) >= {"pytorch", "llama.cpp"}
+    assert export_files(export_dir, None) == (export_dir / GGUF_NAME, None)
+    (export_dir / LORA_NAME).write_bytes(b"")
+    assert export_files(export_dir, None) == (export_dir / GGUF_NAME, export_dir / LORA_NAME)
+    assert export_files(export_dir / GGUF_NAME, export_dir) == (export_dir / GGUF_NAME, export_dir / LORA_NAME)
 
 
 def test_cli_export_and_serve(student, small_world, tmp_path, capsys) -> None:

@@ -225,3 +225,21 @@ def test_rank_too_large_is_a_clear_error(problem) -> None:
     student = convert_to_bitnet(tiny_model("llama"))
     with pytest.raises(ValueError, match=r"k_proj.*got 40"):  # k_proj is 64 -> 32
         calibrate_lrc(student, None, [torch.zeros(1, 4, dtype=torch.long)], rank=40)
+
+
+def test_fresh_adapters_do_not_depend_on_the_callers_rng() -> None:
+    """The zero-init LRC stage draws V before the trainer seeds torch: the draw must come from the stage's seed, so a
+    recomputed stage writes the same bytes (and the caller's RNG stream is left untouched)."""
+    base = convert_to_bitnet(tiny_model("llama"))
+    torch.manual_seed(1)
+    a = add_lrc(copy.deepcopy(base), 4, seed=7)
+    after_a = torch.rand(3)
+    torch.manual_seed(1)
+    torch.rand(100)  # another global RNG state
+    b = add_lrc(copy.deepcopy(base), 4, seed=7)
+    c = add_lrc(copy.deepcopy(base), 4, seed=8)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_a)  # add_lrc consumed nothing from the global stream
+    va = {n: m.lrc_v for n, m in bit_linears(a)}
+    assert all(torch.equal(va[n], m.lrc_v) for n, m in bit_linears(b))
+    assert not all(torch.equal(va[n], m.lrc_v) for n, m in bit_linears(c))

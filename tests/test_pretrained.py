@@ -232,6 +232,23 @@ def test_load_teacher_and_tokenizer_of_a_gguf(tiny_gguf: Path, tiny_tokenizer, t
     assert AutoTokenizer.from_pretrained(tmp_path / "tok").encode(PROBE) == tiny_tokenizer.encode(PROBE)
 
 
+def test_a_gguf_teachers_config_and_export_target_come_from_its_header(tiny_gguf: Path, tmp_path: Path) -> None:
+    """What `bitdistill run` checks before training: the GGUF teacher's config (no weights) and its student's graph."""
+    from bitnet.pretrained import load_teacher_config
+    from flows.config import pipeline_config
+    from flows.preflight import check_export_target
+
+    cfg = load_teacher_config(tiny_gguf)
+    assert cfg.model_type == "llama" and cfg.tie_word_embeddings
+    assert cfg.hidden_size == load_teacher(tiny_gguf).config.hidden_size
+    run = pipeline_config(None, "tiny", sets=[f"teacher.pretrained={tiny_gguf}"], root=str(tmp_path))
+    assert check_export_target(run) == "bitnet"
+    none = pipeline_config(None, "tiny", sets=[f"teacher.pretrained={tiny_gguf}", "convert.bitnet.subln=none"])
+    assert check_export_target(none) == "llama"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_export_target(pipeline_config(None, "tiny", sets=[f"teacher.pretrained={tmp_path / 'no.gguf'}"]))
+
+
 def _previous_output(path: Path) -> dict[str, bytes]:
     path.mkdir()
     (path / "config.json").write_text("{}")  # a previous materialised teacher (bitnet.pretrained.MARKER)

@@ -59,7 +59,6 @@ WeightType = Literal["tq2_0", "tq1_0", "q4_0", "q8_0", "f16"]
 EmbeddingType = Literal["f16", "f32", "q8_0", "q6_k"]
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BITNET]  # "bitnet"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 _FILE_TYPES: dict[str, gguf.LlamaFileType] = {
     "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0,
@@ -133,11 +132,11 @@ def _resolve(
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     from transformers import AutoTokenizer
 
-    from bitnet.student import load_student
+    from bitnet.student import load_student, student_dir
 
     src = None
     if not isinstance(model, nn.Module):
-        src = Path(model)
+        src = student_dir(model)  # a stage output's model/ holds the student and its tokenizer
         model = load_student(src)
     if tokenizer is None:
         if src is None:

@@ -37,13 +37,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bitnet.export.errors import UnsupportedExportError
+from bitnet.families import FAMILIES
 from bitnet.io import atomic_dir
 from bitnet.layers import BitLinear, BitLinearLRC
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# families whose SubLN students transformers' own `bitnet` model reproduces (ModelFamily.hf_bitnet)
+SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() if f.hf_bitnet for t in f.model_types)
 _SUB_NORMS = {"self_attn.o_proj": "self_attn.attn_sub_norm", "mlp.down_proj": "mlp.ffn_sub_norm"}
 MARKER = "config.json"
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from bitnet.convert import BitNetConfig
 from bitnet.export.errors import UnsupportedExportError
+from bitnet.families import FAMILIES
 from bitnet.io import atomic_dir
 from bitnet.layers import BitLinear
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 MARKER = "modeling_bitdistill.py"
-BASES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+BASES = {t: f.hf_class_prefix for f in FAMILIES.values() for t in f.model_types}  # model type -> transformers class
 
 MODELING = '''"""bitdistill student (written by bitnet.export.hf_student): a ternary student on a transformers base.
 

@@ -45,12 +45,8 @@ from bitnet.export.plan import (
     row_permutation,
 )
 from bitnet.export.writer import RawTensor, add_tensors, atomic_gguf_write
+from bitnet.families import BITNET, graphs
 from bitnet.layers import BitLinearLRC
-
-# build_ffn applies these matrices' ``.scale`` after the LoRA residual (see the module docstring); the bitnet graph
-# calls build_ffn without ffn_down (it puts ffn_sub_norm in between), the native graphs pass ffn_down to it too
-SCALED_AFTER_LORA = (T.FFN_UP, T.FFN_GATE)
-SCALED_AFTER_LORA_NATIVE = (T.FFN_UP, T.FFN_GATE, T.FFN_DOWN)
 
 
 def lrc_pairs(model: nn.Module, hparams: ExportHParams | None = None, delta: str = "tensor"
@@ -58,7 +54,10 @@ def lrc_pairs(model: nn.Module, hparams: ExportHParams | None = None, delta: str
     """(base tensor name, A = Vᵀ (r × in), B = U (out × r); U / Δ for ffn_up/ffn_gate when Δ is a ``.scale``) per LRC
     layer, float32, with wq/wk rows permuted as in the base file."""
     pairs = []
-    after = SCALED_AFTER_LORA if hparams is None or hparams.arch == "bitnet" else SCALED_AFTER_LORA_NATIVE
+    # build_ffn applies these matrices' ``.scale`` after the LoRA residual (module docstring): the bitnet graph calls
+    # it without ffn_down (ffn_sub_norm sits in between), the native graphs with it (Graph.lora_scaled_after)
+    graph = BITNET if hparams is None else graphs()[hparams.arch]
+    after = tuple(T[n.upper()] for n in graph.lora_scaled_after)
     for i, block in enumerate(decoder_layers(model)):
         for path, kind in LAYER_MATRICES.items():
             layer = block.get_submodule(path)

@@ -1,16 +1,15 @@
 """Which llama.cpp graph a student maps onto, and the exact type of every tensor: the export plan.
 
-Architectures (read in the llama.cpp that llama-cpp-python 0.3.36 vendors, ``src/models/*.cpp``,
-``src/llama-model.cpp``; see docs/export.md):
+The graphs (read in the llama.cpp that llama-cpp-python 0.3.36 vendors, ``src/models/*.cpp``,
+``src/llama-model.cpp``; see docs/export.md) and which family goes where are data in :mod:`bitnet.families`
+(:class:`~bitnet.families.Graph`: sub-norms, output tensor, biases, q/k norms, RoPE kind and scalings, ``.scale``
+tensors); this module only reads them:
 
-- ``bitnet`` — SubLN ``standard`` students of Llama / Mistral shapes: ``attn_sub_norm`` before ``wo``,
-  ``ffn_sub_norm`` before ``ffn_down``, NEOX RoPE, **lm_head = token_embd** (no output tensor), no biases, no q/k
-  norms, no ``rope_freqs``, ``wq``/``wo`` are ``n_embd × n_embd``;
-- ``llama`` — SubLN ``none`` students of Llama / Mistral: NORM RoPE (so Q/K rows are permuted as
-  ``convert_hf_to_gguf.py`` does), optional q/k/v/o biases, ``head_dim`` ≠ n_embd/n_head, untied ``output``,
-  llama3 RoPE scaling as the ``rope_freqs`` tensor, linear scaling as metadata;
-- ``qwen2`` — SubLN ``none``: q/k/v biases, NEOX RoPE, untied ``output``;
-- ``qwen3`` — SubLN ``none``: per-head q/k RMSNorms, ``head_dim`` ≠ n_embd/n_head, NEOX RoPE, untied ``output``.
+- ``bitnet`` — SubLN ``standard`` students: ``attn_sub_norm`` before ``wo``, ``ffn_sub_norm`` before ``ffn_down``,
+  NEOX RoPE, **lm_head = token_embd**, no biases, no q/k norms, no ``rope_freqs``, ``wq``/``wo`` ``n_embd × n_embd``;
+- ``llama`` — SubLN ``none`` Llama / Mistral: NORM RoPE (Q/K rows permuted as ``convert_hf_to_gguf.py`` does),
+  optional q/k/v/o biases, free ``head_dim``, untied ``output``, llama3 scaling as ``rope_freqs``, linear as metadata;
+- ``qwen2`` — q/k/v biases, NEOX RoPE, untied ``output``; ``qwen3`` — per-head q/k RMSNorms, free ``head_dim``.
 
 Every ternary matrix is written from its codes and Δ (never re-quantized from floats) in the best *exact* type its
 row length allows (:mod:`bitnet.export.quants`). Δ goes either into an F32 ``<tensor>.scale`` (``delta="tensor"``,
@@ -23,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import gguf
@@ -51,21 +50,17 @@ from bitnet.export.quants import (
     pack_ternary,
     quantize_embedding,
 )
+from bitnet.families import UnsupportedFamilyError, family_of, graph_names, graphs
+from bitnet.families.base import ATTN_PROJS, Features, Graph, ModelFamily
 from bitnet.layers import BitLinear, BitLinearLRC
 
-Arch = Literal["bitnet", "llama", "qwen2", "qwen3"]
 DeltaMode = Literal["auto", "tensor", "fold"]
 Fallback = Literal["auto", "q4_0", "q8_0"]
-ARCHS: tuple[str, ...] = ("bitnet", "llama", "qwen2", "qwen3")
 WEIGHT_TYPES: tuple[str, ...] = ("tq2_0", "tq1_0", "q4_0", "q8_0", "f16")
 EMBEDDING_TYPES: tuple[str, ...] = ("f16", "f32", "q8_0", "q6_k")
 # measured (benchmarks/gguf_speed.py smollm2, docs/export.md): with the 576-wide rows of SmolLM2 as Q4_0 the student
 # decodes at 1.79× the F16 teacher, as Q8_0 at 1.63× (1 thread; 2 threads 1.79× vs 1.17×), and the file is 32 % smaller
 FALLBACK_BY_SPEED = "q4_0"
-# graphs that multiply every ternary matrix's output by its ``.scale`` (qwen2's build_ffn call passes NULL scales)
-SCALE_ARCHS = ("bitnet", "llama", "qwen3")
-NATIVE_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-WAYS_OUT = "convert with --subln none (native llama/qwen2/qwen3 graph), or use the HF export (--hf-out)"
 
 
 def unsupported(msg: str, arch: str = "llama.cpp") -> UnsupportedExportError:
@@ -170,25 +165,22 @@ class ExportPlan:
 
 
 # ------------------------------------------------------------------------------------------------ architecture
-def _rope(cfg, arch: str) -> tuple[float, str, float, tuple[float, ...] | None]:
+def _rope(cfg, graph: Graph) -> tuple[float, str, float, tuple[float, ...] | None]:
+    """θ and RoPE scaling as ``graph`` takes them (the scalings it reproduces: ``Graph.rope_scalings``)."""
     params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     rope_type = str(params.get("rope_type", params.get("type", "default")) or "default")
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
     if theta is None:
-        raise unsupported("the config has no rope_theta", arch)
-    if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
-        raise unsupported("partial rotary embeddings", arch)
+        raise unsupported("the config has no rope_theta", graph.name)
     theta = float(theta)
     if rope_type == "default":
         return theta, "none", 1.0, None
-    if arch == "llama" and rope_type == "linear":
+    if rope_type not in graph.rope_scalings:
+        raise unsupported(f"RoPE scaling {rope_type!r} for {graph.name}", graph.name)
+    if rope_type == "linear":
         return theta, "linear", float(params["factor"]), None
-    if arch == "llama" and rope_type == "llama3":
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        return theta, "llama3", 1.0, llama3_rope_freqs(params, theta, head_dim)
-    if arch == "bitnet" and rope_type in ("llama3", "linear"):
-        raise unsupported(f"RoPE scaling {rope_type!r} (the bitnet graph loads no rope_freqs); {WAYS_OUT}", arch)
-    raise unsupported(f"RoPE scaling {rope_type!r} for {arch}", arch)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    return theta, "llama3", 1.0, llama3_rope_freqs(params, theta, head_dim)
 
 
 def llama3_rope_freqs(params: dict, theta: float, dim: int) -> tuple[float, ...]:
@@ -221,67 +213,67 @@ def _attn(block: nn.Module) -> nn.Module:
     return block.get_submodule("self_attn")
 
 
-def resolve_arch(model: nn.Module, arch: str = "auto") -> str:
-    """The llama.cpp graph for ``model`` (``arch="auto"``: ``bitnet`` for SubLN standard, native for SubLN none)."""
+def ways_out(family: ModelFamily) -> str:
+    return (f"convert with --subln none (the native {family.native.name!r} graph), "
+            "or use the HF export (--hf-out); docs/export.md")
+
+
+def resolve_graph(model: nn.Module, arch: str = "auto") -> tuple[ModelFamily, Graph]:
+    """The student's family and the llama.cpp graph it goes to (``arch="auto"``: the family's SubLN graph for SubLN
+    ``standard``, its native graph for SubLN ``none``; :meth:`bitnet.families.ModelFamily.graph_for`)."""
     bcfg: BitNetConfig | None = getattr(model, "bitnet_config", None)
     if bcfg is None:
         raise unsupported("not a converted BitNet student (run convert_to_bitnet first)", "bitnet")
-    mt = getattr(model.config, "model_type", "?")
-    if mt not in NATIVE_ARCH:
-        raise unsupported(f"model type {mt!r} (supported: {', '.join(sorted(NATIVE_ARCH))})")
-    if arch not in ("auto", *ARCHS):
-        raise unsupported(f"arch must be auto or one of {', '.join(ARCHS)}, got {arch!r}")
-    if bcfg.subln == "none":
-        native = NATIVE_ARCH[mt]
-        if arch not in ("auto", native):
-            raise unsupported(f"a {mt} student without SubLN maps onto llama.cpp {native!r}, not {arch!r}")
-        return native
-    if bcfg.subln == "standard" and mt in ("llama", "mistral"):
-        if arch not in ("auto", "bitnet"):
-            raise unsupported(f"SubLN 'standard' needs the bitnet graph's sub-norms; {arch!r} has none; {WAYS_OUT}")
-        return "bitnet"
-    if bcfg.subln == "standard":
-        what = "q/k/v biases" if mt == "qwen2" else "q/k norms"
-        raise unsupported(f"no stock llama.cpp graph has {mt}'s {what} and SubLN "
-                          f"(bitnet has the sub-norms but no {what}, "
-                          f"{mt} has no sub-norms); {WAYS_OUT}")
-    raise unsupported(f"SubLN placement {bcfg.subln!r}: llama.cpp has sub-norms only before wo and ffn_down "
-                      f"('standard', the bitnet graph); {WAYS_OUT}")
+    try:
+        family = family_of(model)
+    except UnsupportedFamilyError as e:
+        raise unsupported(str(e)) from e
+    if arch not in ("auto", *graph_names()):
+        raise unsupported(f"arch must be auto or one of {', '.join(graph_names())}, got {arch!r}")
+    try:
+        return family, family.graph_for(bcfg.subln, arch)
+    except ValueError as e:
+        raise unsupported(f"{e}; {ways_out(family)}") from e
+
+
+def resolve_arch(model: nn.Module, arch: str = "auto") -> str:
+    """The name of the llama.cpp graph for ``model`` (:func:`resolve_graph`)."""
+    return resolve_graph(model, arch)[1].name
+
+
+def model_features(model: nn.Module, family: ModelFamily) -> Features:
+    """The family's config features, with tying and attention biases read from the weights themselves."""
+    f = family.features(model.config)
+    biases = set()
+    for block in decoder_layers(model):
+        for proj in ATTN_PROJS:
+            if getattr(_attn(block).get_submodule(f"{proj}_proj"), "bias", None) is not None:
+                biases.add(proj)
+    return replace(f, tied=_tied(model), biases=frozenset(biases))
 
 
 def check_exportable(model: nn.Module, weight_type: str = "tq2_0", arch: str = "auto") -> ExportHParams:
-    """Raise :class:`UnsupportedExportError` unless ``model`` maps exactly onto a llama.cpp graph; its hparams."""
-    arch = resolve_arch(model, arch)
+    """Raise :class:`UnsupportedExportError` unless ``model`` maps exactly onto a llama.cpp graph; its hparams.
+
+    What the graph takes is the family's data (:mod:`bitnet.families`): the same check
+    :func:`bitnet.families.ModelFamily.export_refusal` runs on a teacher's config before training, here on the
+    student's real weights, plus what only the weights show (BitLinear layers at λ = 1, SubLN where the graph has it,
+    every parameter with a place in the file)."""
+    family, graph = resolve_graph(model, arch)
+    arch = graph.name
     bcfg: BitNetConfig = model.bitnet_config
     cfg = model.config
-    mt = cfg.model_type
-    if getattr(cfg, "mlp_bias", False):
-        raise unsupported("MLP biases (llama.cpp applies .scale after the bias)", arch)
-    act = getattr(cfg, "hidden_act", "silu")
-    if act != "silu":
-        raise unsupported(f"FFN activation {act!r} (the graphs use a SiLU-gated FFN)", arch)
-    tied = _tied(model)
     head = model.get_output_embeddings()
     if head is None:
         raise unsupported("the model has no output embedding", arch)
     if getattr(head, "bias", None) is not None:
         raise unsupported("lm_head has a bias", arch)
-    if arch == "bitnet" and not tied:
-        raise unsupported(f"untied input/output embeddings; the bitnet graph uses token_embd as lm_head; {WAYS_OUT}",
-                          arch)
-    sliding = getattr(cfg, "sliding_window", None)
-    n_ctx = int(cfg.max_position_embeddings)
-    if sliding is not None and getattr(cfg, "use_sliding_window", True) and int(sliding) < n_ctx:
-        raise unsupported(f"sliding-window attention ({sliding} < {n_ctx} positions)", arch)
-    n_embd, n_head = int(cfg.hidden_size), int(cfg.num_attention_heads)
-    n_head_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
-    head_dim = int(getattr(cfg, "head_dim", None) or n_embd // n_head)
-    if arch == "bitnet" and head_dim * n_head != n_embd:
-        raise unsupported(f"heads·head_dim = {n_head}·{head_dim} ≠ hidden size {n_embd} "
-                          "(wq/wo must be n_embd × n_embd); "
-                          f"{WAYS_OUT}", arch)
+    f = model_features(model, family)
+    why = family.graph_refusal(graph, f)
+    if why is not None:
+        raise unsupported(f"{why}; {ways_out(family)}" if graph.sub_norms else why, arch)
     eps = float(cfg.rms_norm_eps)
-    if arch == "bitnet" and bcfg.norm_eps is not None and not math.isclose(bcfg.norm_eps, eps, rel_tol=1e-6):
+    if graph.sub_norms and bcfg.norm_eps is not None and not math.isclose(bcfg.norm_eps, eps, rel_tol=1e-6):
         raise unsupported(f"SubLN eps {bcfg.norm_eps} differs from rms_norm_eps {eps}; "
                           "llama.cpp has one eps for all norms", arch)
     layers = decoder_layers(model)
@@ -294,31 +286,28 @@ def check_exportable(model: nn.Module, weight_type: str = "tq2_0", arch: str = "
                 raise unsupported(f"layer {i} {path} has quant_lambda {m.quant_lambda}; "
                                   "the file holds the fully ternary "
                                   "student (λ = 1)", arch)
-            if m.bias is not None and (arch in ("bitnet", "qwen3") or path.startswith("mlp.")
-                                       or (arch == "qwen2" and path == "self_attn.o_proj")):
+            if m.bias is not None and path.startswith("mlp."):
                 raise unsupported(f"layer {i} {path} has a bias, which the {arch} graph does not load", arch)
-            if (m.sub_norm is not None) != (arch == "bitnet" and path in SUB_NORMS):
+            if (m.sub_norm is not None) != (graph.sub_norms and path in SUB_NORMS):
                 raise unsupported(f"layer {i} {path}: SubLN {'present' if m.sub_norm is not None else 'missing'}", arch)
-        if arch == "qwen3":
+        if graph.qk_norm:
             for path in QK_NORMS:
                 norm = block.get_submodule(path)
-                if tuple(norm.weight.shape) != (head_dim,):
-                    raise unsupported(f"layer {i} {path} has shape {tuple(norm.weight.shape)}, not ({head_dim},)", arch)
-    if mt == "qwen2" and arch == "qwen2":
-        for i, block in enumerate(layers):
-            for p in ("q_proj", "k_proj", "v_proj"):
-                if _attn(block).get_submodule(p).bias is None:
-                    raise unsupported(f"layer {i} self_attn.{p} has no bias, which the qwen2 graph expects", arch)
-    _check_every_parameter_mapped(model, layers, arch)
-    theta, scaling, factor, freqs = _rope(cfg, arch)
+                if tuple(norm.weight.shape) != (f.head_dim,):
+                    raise unsupported(f"layer {i} {path} has shape {tuple(norm.weight.shape)}, not ({f.head_dim},)",
+                                      arch)
+    _check_every_parameter_mapped(model, layers, graph)
+    theta, scaling, factor, freqs = _rope(cfg, graph)
+    n_head = int(cfg.num_attention_heads)
     return ExportHParams(
-        n_vocab=int(model.get_input_embeddings().weight.shape[0]), n_embd=n_embd, n_ff=int(cfg.intermediate_size),
-        n_layer=len(layers), n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ctx=n_ctx, rope_theta=theta,
-        rms_eps=eps, arch=arch, tied=tied, rope_scaling=scaling, rope_factor=factor, rope_freqs=freqs,
+        n_vocab=int(model.get_input_embeddings().weight.shape[0]), n_embd=f.n_embd, n_ff=int(cfg.intermediate_size),
+        n_layer=len(layers), n_head=n_head, n_head_kv=int(getattr(cfg, "num_key_value_heads", None) or n_head),
+        head_dim=f.head_dim, n_ctx=f.n_ctx, rope_theta=theta, rms_eps=eps, arch=arch, tied=f.tied,
+        rope_scaling=scaling, rope_factor=factor, rope_freqs=freqs,
     )
 
 
-def _check_every_parameter_mapped(model: nn.Module, layers: nn.ModuleList, arch: str) -> None:
+def _check_every_parameter_mapped(model: nn.Module, layers: nn.ModuleList, graph: Graph) -> None:
     """Any parameter without a place in the graph (e.g. a bias the graph ignores) would be silently dropped: refuse."""
     mapped = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
@@ -328,7 +317,7 @@ def _check_every_parameter_mapped(model: nn.Module, layers: nn.ModuleList, arch:
     for block in layers:
         for path in LAYER_NORMS:
             mapped.add(id(block.get_submodule(path).weight))
-        if arch == "qwen3":
+        if graph.qk_norm:
             for path in QK_NORMS:
                 mapped.add(id(block.get_submodule(path).weight))
         for path in LAYER_MATRICES:
@@ -342,7 +331,7 @@ def _check_every_parameter_mapped(model: nn.Module, layers: nn.ModuleList, arch:
                 mapped.update({id(m.lrc_u), id(m.lrc_v)})
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) not in mapped:
-            raise unsupported(f"parameter {name} has no place in the {arch} graph", arch)
+            raise unsupported(f"parameter {name} has no place in the {graph.name} graph", graph.name)
 
 
 # ------------------------------------------------------------------------------------------------ types
@@ -391,8 +380,8 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def row_permutation(hp: ExportHParams, path: str) -> int | None:
-    """Heads to permute the rows of ``path`` over in the file, or None (only the ``llama`` graph's wq/wk)."""
-    if hp.arch != "llama":
+    """Heads to permute the rows of ``path`` over in the file, or None (wq/wk of a NORM-RoPE graph: ``llama``)."""
+    if graphs()[hp.arch].rope != "norm":
         return None
     return {"self_attn.q_proj": hp.n_head, "self_attn.k_proj": hp.n_head_kv}.get(path)
 
@@ -454,7 +443,7 @@ def entries(model: nn.Module, hp: ExportHParams, *, weight_type: str, embedding_
         for path, kind in LAYER_NORMS.items():
             w = block.get_submodule(path).weight
             yield _float(tensor_name(kind, i), (hp.n_embd,), "norm", lambda w=w: _f32(w))
-        if hp.arch == "qwen3":
+        if graphs()[hp.arch].qk_norm:
             for path, kind in QK_NORMS.items():
                 w = block.get_submodule(path).weight
                 yield _float(tensor_name(kind, i), (hp.head_dim,), "norm", lambda w=w: _f32(w))
@@ -468,10 +457,12 @@ def entries(model: nn.Module, hp: ExportHParams, *, weight_type: str, embedding_
 
 def resolve_delta(arch: str, delta: str) -> str:
     """``auto``: Δ in an exact F32 ``.scale`` where the graph applies it to every matrix, else in the block scales."""
+    scales = graphs()[arch].scale_tensors
     if delta == "auto":
-        return "tensor" if arch in SCALE_ARCHS else "fold"
-    if delta == "tensor" and arch not in SCALE_ARCHS:
-        raise unsupported("the qwen2 graph does not apply .scale to its FFN matrices; use delta 'fold' (or auto)", arch)
+        return "tensor" if scales else "fold"
+    if delta == "tensor" and not scales:
+        raise unsupported(f"the {arch} graph does not apply .scale to its FFN matrices; use delta 'fold' (or auto)",
+                          arch)
     return delta
 
 

@@ -37,6 +37,7 @@ from bitnet.export.writer import (
     checksum_value_offset,
     file_digest,
 )
+from bitnet.families import graph_names
 
 ARCH = "bitnet"
 _OUR_KEYS = (CHECKSUM_KEY.encode(), PRODUCER_KEY.encode())
@@ -162,7 +163,7 @@ def check_gguf(path: str | Path, *, expect_arch: str | None = None, require_chec
                     raise GGUFFormatError(f"{path}: tensor {name} missing")
                 if have[name] != shape:
                     raise GGUFFormatError(f"{path}: tensor {name} has shape {have[name]}, the metadata implies {shape}")
-        elif arch in ("llama", "qwen2", "qwen3"):
+        elif arch in graph_names():
             n_layer = int(field_value(reader, f"{arch}.block_count") or 0)
             needed = [tensor_name(T.TOKEN_EMBD), tensor_name(T.OUTPUT_NORM)]
             needed += [tensor_name(kind, i) for i in range(n_layer) for kind in LAYER_MATRICES.values()]

@@ -56,13 +56,13 @@ def check_teacher_architecture(source: str) -> None:
     (e.g. GPT-2: no q/k/v projections for the attention-relation loss, no SubLN placement rule)."""
     from transformers import AutoConfig
 
-    from bitnet.convert import ARCH_RULES, UnsupportedArchitectureError, supported_architectures
+    from bitnet.convert import UnsupportedArchitectureError, supported_architectures
 
     try:
         model_type = AutoConfig.from_pretrained(source).model_type
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"cannot read the teacher's config from {source}: {str(e).splitlines()[0]}") from e
-    if not any(model_type in rule.model_types for rule in ARCH_RULES.values()):
+    if model_type not in supported_architectures():
         raise UnsupportedArchitectureError(
             f"teacher {source} is a {model_type!r} model; the student stages support "
             f"{', '.join(supported_architectures())}")

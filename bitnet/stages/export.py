@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bitnet.export.gguf import EmbeddingType, WeightType, export_gguf
+from bitnet.families import graph_names
 from bitnet.stages.base import Inputs, Stage, model_dir
 
 GGUF_NAME, LORA_NAME = "student.gguf", "lrc-lora.gguf"
@@ -19,10 +20,17 @@ class ExportConfig(BaseModel):
     weight_type: WeightType = Field(default="tq2_0", description="GGUF type of the ternary matrices")
     embedding_type: EmbeddingType = Field(default="f16", description="GGUF type of the token embedding")
     tokenizer_pre: str | None = Field(default=None, description="llama.cpp pre-tokenizer when it cannot be inferred")
-    arch: Literal["auto", "bitnet", "llama", "qwen2", "qwen3"] = Field(
-        default="auto", description="llama.cpp graph: auto = bitnet for SubLN students, the native one without SubLN")
+    arch: str = Field(default="auto", description="llama.cpp graph (auto or one of bitnet.families.graph_names()): "
+                      "auto = the family's SubLN graph (bitnet) for SubLN students, its native one without SubLN")
     fallback: Literal["auto", "q4_0", "q8_0"] = Field(
         default="auto", description="exact type for ternary rows that TQ2_0/TQ1_0 cannot hold (not a multiple of 256)")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_graph(cls, v: str) -> str:
+        if v not in ("auto", *graph_names()):
+            raise ValueError(f"arch must be auto or one of {', '.join(graph_names())}, got {v!r}")
+        return v
 
 
 def run(cfg: ExportConfig, inputs: Inputs, out: Path) -> dict[str, Any]:

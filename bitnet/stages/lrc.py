@@ -111,7 +111,7 @@ def run(cfg: LRCConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
         improvement = calibrate_lrc(student, reference, calib, cfg.rank, init)
         extra["lrc_init_improvement"] = sum(improvement.values()) / len(improvement)
     else:  # resuming (the checkpoint holds the adapters) or a zero init: only the module tree is needed
-        add_lrc(student, cfg.rank)
+        add_lrc(student, cfg.rank, seed=cfg.train.seed)
     for name, p in student.named_parameters():
         p.requires_grad_(name.endswith(("lrc_u", "lrc_v")))
     return train_student("lrc", student, world, out, proc=proc, train=cfg.train, data=cfg.data,
