@@ -139,3 +139,37 @@ def test_flow_refuses_before_its_first_stage(tmp_path: Path) -> None:
     assert check_export_target(pipeline_config(None, "tiny", sets=["export.enabled=false",
                                                                   "convert.bitnet.subln=all"])) is None
     json.dumps(cfg.model_dump(mode="json"))
+
+
+def _local_tokenizer(path: Path, pre_tokenizer) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    text = ["the teacher's tokenizer goes into the GGUF, 1234 times"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
+    return path
+
+
+def test_run_refuses_a_tokenizer_llama_cpp_would_not_reproduce(tmp_path: Path) -> None:
+    from tokenizers import pre_tokenizers
+
+    from bitnet.export import UnsupportedExportError
+    from flows.config import pipeline_config
+    from flows.preflight import check_export_target, check_export_tokenizer
+
+    good = _local_tokenizer(tmp_path / "good", pre_tokenizers.ByteLevel(add_prefix_space=False))
+    assert check_export_tokenizer(pipeline_config(None, "tiny", sets=[f"world.tokenizer={good}"])) == "gpt2/gpt-2"
+    odd = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    bad = _local_tokenizer(tmp_path / "bad", odd)
+    cfg = pipeline_config(None, "tiny", sets=[f"world.tokenizer={bad}"])
+    with pytest.raises(UnsupportedExportError, match="world's tokenizer .* cannot go into the GGUF.*tokenizer_pre"):
+        check_export_target(cfg)
+    # the user's override is taken (they know their runtime), and no world tokenizer means the world trains its own
+    assert check_export_tokenizer(cfg.model_copy(update={"export": cfg.export.model_copy(
+        update={"tokenizer_pre": "gpt-2"})})) == "gpt2/gpt-2"
+    assert check_export_tokenizer(pipeline_config(None, "tiny")) is None
