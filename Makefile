@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.bitdistill-installed
 CORPUS_DIR := /usr/share/doc/python3.11-doc/html/_sources
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# extra pytest arguments, e.g. PYTEST_ARGS='-m "not slow"' skips the tests that take minutes (CI runs them all)
 PYTEST_ARGS ?=
 # llama.cpp (vendored by llama-cpp-python) is built for a pinned x86-64 level, not -march=native: the same kernels, and
 # so the same float rounding, on every CPU of this kind (AVX2-only and AVX-512 alike), and a cached wheel never carries

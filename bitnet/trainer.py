@@ -147,10 +147,6 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     skipped_checkpoints: list[str] = field(default_factory=list)
 
-    @property
-    def val_ppl(self) -> float | None:
-        return math.exp(self.val_loss) if self.val_loss is not None else None
-
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token cross-entropy of a HF causal LM on packed blocks (labels = inputs, shifted inside)."""

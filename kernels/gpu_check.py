@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from bitnet.quant import ternary_codes
 from kernels.packing import pack_weight
+from kernels.quant import ternary_codes
 from kernels.reference import act_quant_codes, reference_linear, ternary_linear_torch
 
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]

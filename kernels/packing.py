@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bitnet.quant import WEIGHT_EPS, ternary_codes
+from kernels.quant import WEIGHT_EPS, ternary_codes
 
 CODES_PER_BYTE = 4
 _SHIFTS = (0, 2, 4, 6)

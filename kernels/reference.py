@@ -1,7 +1,7 @@
 """PyTorch reference of BitLinear's λ = 1 math: act-quant + ternary matmul with the STE as one autograd.Function.
 
 Forward ``y = F.linear(Q(x), Wq, b)`` with ``Q`` the per-token int8 absmax fake quantizer and ``Wq = Δ·codes``
-the absmean ternary weight of :mod:`bitnet.quant`. Backward through the straight-through estimator:
+the absmean ternary weight of :mod:`kernels.quant`. Backward through the straight-through estimator:
 ``grad_x = grad_y @ Wq``, ``grad_W = grad_yᵀ @ Q(x)``, ``grad_b = Σ grad_y``.
 
 Every value is bit-identical to ``F.linear(act_quant(x), weight_quant(W), b)`` of :mod:`bitnet.quant`, forward
@@ -17,11 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bitnet.quant import ACT_EPS, ACT_QMAX, ACT_QMIN, WEIGHT_EPS, act_quant_value, weight_quant_value
+from kernels.quant import ACT_EPS, ACT_QMAX, ACT_QMIN, WEIGHT_EPS, act_quant_value, weight_quant_value
 
 __all__ = [
     "act_quant_codes",
-    "act_dequant",
     "fast_act_quant_value",
     "fast_weight_quant_value",
     "reference_linear",
@@ -46,14 +45,9 @@ def act_quant_codes(x: torch.Tensor, eps: float = ACT_EPS) -> tuple[torch.Tensor
     return q.to(torch.int8), scale
 
 
-def act_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``codes / s`` in float32, cast to ``dtype`` (the value :func:`bitnet.quant.act_quant_value` returns)."""
-    return (codes.float() / scale).to(dtype)
-
-
 @torch.no_grad()
 def fast_act_quant_value(x: torch.Tensor, eps: float = ACT_EPS) -> torch.Tensor:
-    """Bit-identical to :func:`bitnet.quant.act_quant_value` with fewer temporaries."""
+    """Bit-identical to :func:`kernels.quant.act_quant_value` with fewer temporaries."""
     xf = x.detach().float()
     amax = _absmax(xf).clamp_(min=eps)
     scale = ACT_QMAX / amax
@@ -63,7 +57,7 @@ def fast_act_quant_value(x: torch.Tensor, eps: float = ACT_EPS) -> torch.Tensor:
 
 @torch.no_grad()
 def fast_weight_quant_value(w: torch.Tensor, eps: float = WEIGHT_EPS) -> torch.Tensor:
-    """Bit-identical to :func:`bitnet.quant.weight_quant_value` with fewer temporaries."""
+    """Bit-identical to :func:`kernels.quant.weight_quant_value` with fewer temporaries."""
     wf = w.detach().float()
     delta = wf.abs().mean()
     return (wf / (delta + eps)).round_().clamp_(-1, 1).mul_(delta).to(w.dtype)

@@ -9,7 +9,7 @@ Importing this module needs ``triton`` (an optional dependency); :mod:`kernels.d
 The kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before ``triton`` is
 imported), which is how the tests exercise them on a CPU-only machine.
 
-Numerics (matching :mod:`bitnet.quant`):
+Numerics (matching :mod:`kernels.quant`):
 
 - activations: ``s = (1 / max(max|x|, 1e-5))·127`` per row (how torch evaluates ``127 / amax``), codes
   ``clamp(round_half_even(x·s), -128, 127)`` — the same float32 operations as ``torch.round``/``torch.clamp``,
@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bitnet.quant import ACT_EPS, WEIGHT_EPS
 from kernels.packing import PackedTernary, packed_cols
+from kernels.quant import ACT_EPS, WEIGHT_EPS
 
 __all__ = [
     "interpreting",

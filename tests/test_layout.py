@@ -5,29 +5,56 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 from tasks.caching import imported_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bitnet", "kernels", "tasks", "flows")
+# The layers, bottom up: each package may import itself and the packages listed for it, nothing else of ours.
+ALLOWED = {"kernels": (), "bitnet": ("kernels",), "tasks": ("bitnet", "kernels"),
+           "flows": ("tasks", "bitnet", "kernels")}
+# Orchestration libraries: only tasks/ and flows/ may import them (bitnet/ and kernels/ run without Prefect & co.).
+ORCHESTRATION = ("prefect", "mlflow", "sky")
+NO_ORCHESTRATION = ("kernels", "bitnet")
 
 
-def _module_name(file: Path) -> str:
-    parts = list(file.relative_to(ROOT).with_suffix("").parts)
+def _module_name(file: Path, root: Path = ROOT) -> str:
+    parts = list(file.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules(root: Path = ROOT) -> dict[str, Path]:
+    return {_module_name(f, root): f for p in PACKAGES if (root / p).is_dir() for f in (root / p).rglob("*.py")}
+
+
+def _imported(file: Path, name: str) -> set[str]:
+    """Every module ``file`` (module ``name``) imports anywhere: import statements at any depth (relative ones
+    resolved, function-local and ``TYPE_CHECKING`` ones included) and ``importlib.import_module("literal")``."""
+    package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+    found = imported_modules(file, package)
+    for node in ast.walk(ast.parse(file.read_text())):
+        if (isinstance(node, ast.Call) and ast.unparse(node.func) in ("importlib.import_module", "import_module")
+                and node.args and isinstance(arg := node.args[0], ast.Constant) and isinstance(arg.value, str)):
+            found.add(arg.value)
+    return found
 
 
 def _imports() -> dict[str, set[str]]:
     """Module → project modules it imports anywhere (module level or inside functions)."""
-    files = [f for p in PACKAGES for f in (ROOT / p).rglob("*.py")]
-    modules = {_module_name(f): f for f in files}
-    graph: dict[str, set[str]] = {}
-    for name, file in modules.items():
-        package = name if file.name == "__init__.py" else name.rpartition(".")[0]
-        found = imported_modules(file, package)
-        graph[name] = {m for m in found if m in modules and m != name}
-    return graph
+    modules = _modules()
+    return {name: {m for m in _imported(file, name) if m in modules and m != name} for name, file in modules.items()}
+
+
+def upward_imports(root: Path = ROOT) -> list[str]:
+    """Every import under ``root`` that goes against :data:`ALLOWED` or :data:`ORCHESTRATION`, as ``file: module``."""
+    bad: set[str] = set()
+    for name, file in _modules(root).items():
+        layer = name.split(".")[0]
+        for imported in _imported(file, name):
+            top = imported.split(".")[0]
+            upward = top in PACKAGES and top != layer and top not in ALLOWED[layer]
+            if upward or (layer in NO_ORCHESTRATION and top in ORCHESTRATION):
+                bad.add(f"{file.relative_to(root)}: {imported}")
+    return sorted(bad)
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -73,18 +100,34 @@ def test_no_import_cycles() -> None:
     assert _cycles(acyclic) == []
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [("bitnet", ("flows", "tasks", "prefect", "mlflow", "sky")),
-                                                    ("kernels", ("flows", "tasks", "prefect", "bitnet.stages")),
-                                                    ("tasks", ("flows",))])
-def test_layers_import_downwards(package: str, forbidden: tuple[str, ...]) -> None:
-    bad = []
-    for file in (ROOT / package).rglob("*.py"):
-        for node in ast.walk(ast.parse(file.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            bad += [f"{file.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in forbidden or
-                    any(n == f or n.startswith(f"{f}.") for f in forbidden)]
-    assert bad == []
+def test_layers_import_downwards() -> None:
+    """kernels → nothing of ours; bitnet → kernels; tasks → bitnet, kernels; flows → all three.
+    Neither kernels nor bitnet imports prefect, mlflow or sky."""
+    assert upward_imports() == []
+
+
+def test_upward_imports_are_caught(tmp_path: Path) -> None:
+    """The check sees an upward import wherever it hides: in a function, relative, under TYPE_CHECKING, by name."""
+    sources = {
+        "kernels/__init__.py": "",
+        "kernels/ok.py": "import torch\nfrom kernels import quant\n",
+        "kernels/bad.py": "def f():\n    from bitnet.quant import ste\n    return ste\n",
+        "bitnet/__init__.py": "",
+        "bitnet/ok.py": "from kernels.quant import ACT_EPS\nfrom . import bad\n",
+        "bitnet/bad.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from tasks import caching\n",
+        "bitnet/sub/__init__.py": "",
+        "bitnet/sub/orch.py": "def run():\n    import prefect.flows\n",
+        "tasks/__init__.py": "",
+        "tasks/bad.py": "import importlib\nCLI = importlib.import_module('flows.cli')\n",
+        "flows/__init__.py": "",
+        "flows/ok.py": "import prefect\nfrom tasks import bad\nfrom bitnet import ok\nfrom kernels import ok as k\n",
+    }
+    for path, text in sources.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    assert upward_imports(tmp_path) == ["bitnet/bad.py: tasks", "bitnet/bad.py: tasks.caching",
+                                        "bitnet/sub/orch.py: prefect.flows", "kernels/bad.py: bitnet.quant",
+                                        "kernels/bad.py: bitnet.quant.ste", "tasks/bad.py: flows.cli"]
 
 
 def test_kernels_hold_tensor_functions_only() -> None:

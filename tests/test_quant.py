@@ -85,3 +85,17 @@ def test_blend_is_warmup_formula(lam: float) -> None:
 def test_blend_rejects_out_of_range() -> None:
     with pytest.raises(ValueError, match="lambda"):
         blend(torch.zeros(1), torch.zeros(1), 1.5)
+
+
+def test_one_home_for_the_formulas() -> None:
+    """bitnet.quant adds the STE and the warm-up; the formulas are kernels.quant's, which the kernels compute with."""
+    import bitnet.quant as bq
+    import kernels.quant as kq
+
+    for name in kq.__all__:
+        assert getattr(bq, name) is getattr(kq, name), name
+    w = torch.randn(16, 32, requires_grad=True)
+    q = bq.weight_quant(w)
+    assert torch.equal(q, kq.weight_quant_value(w))  # the forward value is the kernels' formula exactly
+    q.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # the STE: identity gradient

@@ -36,7 +36,6 @@ from bitnet.export.names import (
     tensor_name,
 )
 from bitnet.export.plan import (
-    BitnetHParams,
     ExportHParams,
     ExportPlan,
     check_exportable,
@@ -75,7 +74,6 @@ __all__ = [
     "LAYER_NORMS",
     "QK_K",
     "SUB_NORMS",
-    "BitnetHParams",
     "ExportHParams",
     "ExportResult",
     "T",

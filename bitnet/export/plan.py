@@ -89,9 +89,6 @@ class ExportHParams:
     rope_freqs: tuple[float, ...] | None = None  # llama3: llama.cpp's rope_freqs (divisors of each frequency)
 
 
-BitnetHParams = ExportHParams  # the old name
-
-
 @dataclass(frozen=True)
 class TensorPlan:
     """One tensor of the file: GGUF name, shape (rows × row length, HF order), type and bits per value."""
@@ -158,10 +155,6 @@ class ExportPlan:
         lines.append(f"\nternary: {self.ternary_params / 1e6:.2f} M weights, {bpw:.4f} "
                      f"bits/weight ({mix}); file ≈ {sum(t.n_bytes for t in self.tensors) / 1e6:.1f} MB + vocabulary")
         return "\n".join(lines)
-
-    def as_rows(self) -> list[dict]:
-        return [{"tensor": t.name, "shape": list(t.shape), "type": t.type, "bits": round(t.bits, 4), "role": t.role}
-                for t in self.tensors]
 
 
 # ------------------------------------------------------------------------------------------------ architecture
