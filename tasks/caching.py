@@ -95,8 +95,9 @@ def code_digest(modules: tuple[str, ...] = CODE_PACKAGES, roots: list[Path] | No
 
 @dataclass
 class StageCode(CachePolicy):
-    """Cache-key component of the stage task: the digest of the code stage ``name`` imports, plus the stage's own
-    fingerprint of what its config points at (the world's corpus listing: names, sizes, mtimes/etags)."""
+    """Cache-key component of the stage task: the digest of the code stage ``name`` imports, its config identity
+    (:func:`bitnet.stages.outputs.identity_config`), its upstream content identities, and the stage's own fingerprint
+    of what its config points at (the world's corpus listing: names, sizes, mtimes/etags)."""
 
     def compute_key(
         self,
@@ -107,11 +108,13 @@ class StageCode(CachePolicy):
     ) -> str | None:
         from bitnet.io import sha256_json
         from bitnet.stages import STAGES
+        from bitnet.stages.outputs import identity_config
 
         st = STAGES[inputs["name"]]
         fingerprint = st.fingerprint(inputs["cfg"]) if st.fingerprint else {}
+        config = identity_config(inputs["cfg"].model_dump(mode="json"))
         return sha256_json({"code": code_digest((st.module,)), "upstream": upstream_identity(inputs["inputs"]),
-                            **fingerprint})
+                            "config": config, **fingerprint})
 
 
 def upstream_identity(inputs: Mapping[str, Any]) -> dict[str, str]:
@@ -125,6 +128,7 @@ def upstream_identity(inputs: Mapping[str, Any]) -> dict[str, str]:
 
 def stage_cache_policy() -> CachePolicy:
     """INPUTS (minus ``reuse_only`` and ``compute``, which decide whether and where a stage computes, not what it
-    holds, and minus ``inputs``, the upstream refs, which enter by content identity) + TASK_SOURCE + the stage's
-    code digest, upstream content identities and fingerprint."""
-    return (INPUTS - "reuse_only" - "compute" - "inputs") + TASK_SOURCE + StageCode()
+    holds, minus ``inputs``, the upstream refs, which enter by content identity, and minus ``cfg``, which enters as
+    :func:`bitnet.stages.outputs.identity_config`, the same view the store key and ``stage.json`` take) +
+    TASK_SOURCE + the stage's code digest, config identity, upstream content identities and fingerprint."""
+    return (INPUTS - "reuse_only" - "compute" - "inputs" - "cfg") + TASK_SOURCE + StageCode()

@@ -21,6 +21,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from bitnet.stages import STAGES
+from bitnet.stages.outputs import identity_config
 from tasks.artifacts import ArtifactError, ArtifactRef, ArtifactStore, StoreConfig, stage_key
 from tasks.caching import code_digest, stage_cache_policy, upstream_identity
 from tasks.compute import ComputeConfig, run_request
@@ -50,6 +51,14 @@ def stage_code(name: str) -> str:
     return code_digest((STAGES[name].module,))
 
 
+def stage_material(name: str, cfg: BaseModel, inputs: dict[str, ArtifactRef], code: str) -> dict[str, Any]:
+    """What the store key of a stage output hashes: its config identity (``identity_config``: the view ``stage.json``
+    and Prefect's cache key take too), its upstream content identities, its code digest and fingerprint."""
+    st = STAGES[name]
+    return {"config": identity_config(cfg.model_dump(mode="json")), "upstream": upstream_identity(inputs),
+            "code": code, **(st.fingerprint(cfg) if st.fingerprint else {})}
+
+
 @task(name="stage", cache_policy=stage_cache_policy(), **TASK_OPTIONS)
 def stage_task(
     name: str,
@@ -65,13 +74,10 @@ def stage_task(
     picks the backend; it is not part of the cache key (where a stage ran does not change its output).
     """
     logger = get_run_logger()
-    st = STAGES[name]
     artifacts = ArtifactStore.from_config(store)
     code = stage_code(name)
     config = cfg.model_dump(mode="json")
-    material = {"config": config, "upstream": upstream_identity(inputs), "code": code,
-                **(st.fingerprint(cfg) if st.fingerprint else {})}
-    key = stage_key(name, material)
+    key = stage_key(name, stage_material(name, cfg, inputs, code))
     if (ref := artifacts.lookup(name, key)) is not None:
         logger.info("%s: %s holds a valid manifest; reusing it", name, ref.uri)
         return ref

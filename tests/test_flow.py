@@ -199,6 +199,35 @@ def test_code_digest_covers_what_a_stage_imports(code_snapshot, monkeypatch):
     assert code_digest(TRAIN_CODE) == code_digest(WORLD_CODE) == "pinned:v1"
 
 
+def test_one_stage_identity_for_cli_store_and_prefect(tmp_path):
+    """The CLI's stage.json, the flow's store key and Prefect's cache key see a config the same way: a setting that
+    cannot change the output (the progress bar) changes none of them, a training setting changes all three."""
+    from bitnet.stages.kd import KDConfig
+    from bitnet.stages.outputs import stage_identity
+    from tasks.caching import StageCode, stage_cache_policy
+    from tasks.stages import stage_material
+
+    base = KDConfig()
+    bar = base.model_copy(update={"train": base.train.model_copy(update={"progress": not base.train.progress})})
+    lr = base.model_copy(update={"train": base.train.model_copy(update={"lr": base.train.lr * 2})})
+    inputs = {"student": ArtifactRef(uri=f"file://{tmp_path}/s", sha256="0" * 64, stage="cpt", key="k",
+                                     content="c" * 64)}
+    policies = {type(p).__name__: p for p in stage_cache_policy().policies}
+
+    def keys(cfg):
+        task_inputs = {"name": "kd", "cfg": cfg, "inputs": inputs, "store": None, "reuse_only": False, "compute": None}
+        prefect = tuple(policy.compute_key(None, task_inputs, {}) for policy in (StageCode(), policies["Inputs"]))
+        store = json.dumps(stage_material("kd", cfg, inputs, "code"), sort_keys=True)
+        cli = stage_identity("kd", cfg.model_dump(mode="json"), None, {"student": tmp_path / "s"})
+        return prefect, store, cli
+
+    assert keys(bar) == keys(base)
+    (code_lr, inputs_lr), store_lr, cli_lr = keys(lr)
+    (code_base, inputs_base), store_base, cli_base = keys(base)
+    assert code_lr != code_base and store_lr != store_base and cli_lr != cli_base
+    assert inputs_lr == inputs_base  # INPUTS leaves cfg to StageCode's identity view
+
+
 def test_lost_prefect_storage_and_corrupt_artifact(prefect_home, corpus, code_snapshot, tmp_path):
     """Results survive losing Prefect's storage (valid manifests are reused); a corrupted file is recomputed."""
     root = tmp_path / "artifacts"

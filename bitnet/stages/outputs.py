@@ -63,14 +63,21 @@ def input_identity(path: str | Path) -> str:
     return f"content:{content_digest(p)}" if p.is_dir() else f"file:{content_digest(p.parent, [p.name])}"
 
 
-def stage_identity(name: str, config: dict[str, Any], fingerprint: Mapping[str, Any] | None,
-                   inputs: Mapping[str, Path]) -> dict[str, str]:
-    """What determines a stage's output apart from the code: digests of its config (without settings such as the
-    progress bar), its fingerprint (e.g. the corpus listing) and each input's content."""
-    cfg = json.loads(json.dumps(config, default=str))
+def identity_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage config as its identity sees it: JSON values, without the settings that cannot change the output
+    (:data:`NEUTRAL_CONFIG`). The one place that decides it, for the CLI's ``stage.json``, the flow's store key and
+    Prefect's cache key alike."""
+    cfg = json.loads(json.dumps(dict(config), default=str))
     for dotted in NEUTRAL_CONFIG:
         _drop(cfg, dotted)
-    identity = {"stage": name, "config": sha256_json(cfg)}
+    return cfg
+
+
+def stage_identity(name: str, config: dict[str, Any], fingerprint: Mapping[str, Any] | None,
+                   inputs: Mapping[str, Path]) -> dict[str, str]:
+    """What determines a stage's output apart from the code: digests of its config (:func:`identity_config`), its
+    fingerprint (e.g. the corpus listing) and each input's content."""
+    identity = {"stage": name, "config": sha256_json(identity_config(config))}
     if fingerprint:
         identity["fingerprint"] = sha256_json(dict(fingerprint))
     for k, path in sorted(inputs.items()):
