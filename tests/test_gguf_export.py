@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -432,10 +433,21 @@ def test_failed_write_keeps_the_previous_file(student, small_world, tmp_path, mo
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+KEY = "test-key-0123"  # BITDISTILL_SERVE_API_KEY of the test server
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _post(url: str, body: dict | bytes, headers: dict[str, str] = AUTH) -> dict:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
+
+
+def _http_error(url: str, body: dict | bytes, headers: dict[str, str] = AUTH) -> tuple[int, str]:
+    with pytest.raises(urllib.error.HTTPError) as info:
+        _post(url, body, headers)
+    return info.value.code, info.value.read().decode()
 
 
 def test_stage_outputs_are_accepted_where_a_model_is(student, small_world, tmp_path, capsys) -> None:
@@ -487,7 +499,7 @@ def test_cli_export_and_serve(student, small_world, tmp_path, capsys) -> None:
             ids = torch.cat([ids, student(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
     expected = tok.decode(ids[0, -6:].tolist())
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BITDISTILL_SERVE_API_KEY": KEY}
     log = tmp_path / "server.log"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
@@ -515,7 +527,8 @@ def test_cli_export_and_serve(student, small_world, tmp_path, capsys) -> None:
         while True:
             assert proc.poll() is None, log.read_text()[-2000:]
             try:
-                with urllib.request.urlopen(f"{base}/v1/models", timeout=2) as r:
+                req = urllib.request.Request(f"{base}/v1/models", headers=AUTH)
+                with urllib.request.urlopen(req, timeout=2) as r:
                     models = json.loads(r.read())
                 break
             except OSError:
@@ -527,6 +540,18 @@ def test_cli_export_and_serve(student, small_world, tmp_path, capsys) -> None:
         )
         assert answer["object"] == "text_completion"
         assert answer["choices"][0]["text"] == expected and answer["usage"]["completion_tokens"] >= 1
+        # bad requests: 4xx with a one-line reason, no traceback, no install path
+        url = f"{base}/v1/completions"
+        for body, reason in ((b'{"prompt": "x",', "not valid JSON"), (b"[1, 2]", "JSON object"),
+                             ({"prompt": prompt, "max_tokens": "many"}, "max_tokens")):
+            code, text = _http_error(url, body)
+            assert code == 400 and reason in text, text
+            assert "Traceback" not in text and str(ROOT) not in text and "site-packages" not in text
+        assert _http_error(url, {"prompt": prompt}, headers={})[0] == 401  # the API key is required
+        # a busy port is refused before the model loads (the server above holds it)
+        started = time.monotonic()
+        assert main(["serve", str(gguf_path), "--port", str(port)]) == 2
+        assert "cannot listen on 127.0.0.1" in capsys.readouterr().err and time.monotonic() - started < 10
     finally:
         stop(proc, timeout=20)
 
