@@ -5,7 +5,9 @@ same config finishes with every stage ``Cached``; changing one stage's config or
 re-runs that stage and those after it. A killed run (``Crashed``) resumes by ``prefect flow-run retry`` or a new
 run: finished stages come from the cache, the killed stage from its last trainer checkpoint.
 
-Parameters: ``preset`` (one of ``flows.config.PRESETS``) and ``config``, a partial mapping merged over it. A
+Parameters: ``preset`` (one of ``flows.config.PRESETS``) and ``config``, a partial mapping merged over it; their
+types (:mod:`flows.params`) are the deployment's parameter schema, so a server refuses a typo before any process
+starts (a plain mapping is accepted too when the flow is called from Python). A
 deployment's own settings are never inside ``config`` (a user's ``--params '{"config": ...}'`` replaces that
 parameter as a whole): ``eval-only`` is its own entry point, :func:`bitdistill_eval_only`, which cannot train.
 """
@@ -13,8 +15,6 @@ parameter as a whole): ``eval-only`` is its own entry point, :func:`bitdistill_e
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry from a local server
 
@@ -22,6 +22,7 @@ from prefect import flow  # noqa: E402
 from prefect.states import State  # noqa: E402
 
 from flows.config import STUDENT_STAGES, PipelineConfig, pipeline_config  # noqa: E402
+from flows.params import PipelineOverrides, PresetName  # noqa: E402
 from flows.preflight import check_export_target  # noqa: E402
 from flows.report import RunSummary  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
@@ -43,7 +44,7 @@ def pipeline(run: StageRunner) -> RunSummary:
 
 @flow(name="bitdistill", validate_parameters=False)
 def bitdistill(
-    config: PipelineConfig | Mapping[str, Any] | None = None, preset: str | None = None
+    config: PipelineOverrides | PipelineConfig | None = None, preset: PresetName | None = None
 ) -> RunSummary | State:
     """``preset``: tiny (default), smoke or a real-model preset; ``config``: a full config, or a partial mapping
     merged over the preset (``{"kd": {"temperature": 2.0}}``). A student no llama.cpp graph takes is refused before
@@ -55,7 +56,7 @@ def bitdistill(
 
 @flow(name="bitdistill", validate_parameters=False)
 def bitdistill_eval_only(
-    config: PipelineConfig | Mapping[str, Any] | None = None, preset: str | None = None
+    config: PipelineOverrides | PipelineConfig | None = None, preset: PresetName | None = None
 ) -> RunSummary | State:
     """Deployment ``eval-only``: export and evaluate the finished student. Every training stage must already be
     finished; whatever ``config`` says, nothing is trained (``reuse_only`` is forced on)."""

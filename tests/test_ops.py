@@ -412,3 +412,24 @@ def test_flow_run_is_over_asks_prefect(prefect_server):
 
     assert flow_run_is_over(noop())  # Completed
     assert flow_run_is_over(str(uuid.uuid4()))  # unknown to Prefect: nothing can still be running under it
+
+
+def test_deployment_parameter_schema_refuses_typos_before_any_process():
+    """The schema `prefect deploy` stores for flow `bitdistill`, checked with the validator the server runs on
+    `prefect deployment run` (enforce_parameter_schema): presets are an enum, `config` a partial PipelineConfig."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    from flows.bitdistill import bitdistill, bitdistill_eval_only
+
+    for fn in (bitdistill, bitdistill_eval_only):
+        schema = parameter_schema(fn).model_dump_for_openapi()
+        for ok in ({}, {"preset": "smoke"}, {"config": {"kd": {"temperature": 2.0}}},
+                   {"preset": "tiny", "config": {"lrc": {"rank": 8}, "export": {"arch": "llama"}}}):
+            validate(ok, schema, raise_on_error=True)
+        for bad in ({"preset": "smok"}, {"config": {"kd": {"temprature": 2.0}}}, {"config": {"lrc": {"rank": 0}}},
+                    {"config": {"convert": {"bitnet": {"subln": "sometimes"}}}}, {"config": {"kd": 3}}):
+            with pytest.raises(ValidationError):
+                validate(bad, schema, raise_on_error=True)
+    deps = _deployments()
+    assert all(d.get("enforce_parameter_schema") is True for d in deps.values()), "every deployment enforces it"
