@@ -132,8 +132,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     lora_out = Path(args.lora_out) if args.lora_out else out.with_name(out.stem + ".lrc.gguf")
     for flag, path in (("--out", out), ("--lora-out", lora_out)):
         check_replaceable_file(path, flag, is_gguf, "a GGUF file")
-    result = export_gguf(student, out, tokenizer=args.tokenizer, tokenizer_pre=args.tokenizer_pre, lora_out=lora_out,
-                         **options)
+    result = export_gguf(student, out, tokenizer=export_tokenizer(args.tokenizer, student),
+                         tokenizer_pre=args.tokenizer_pre, lora_out=lora_out, **options)
     summary = {
         "gguf": str(result.path),
         "arch": result.arch,
@@ -144,16 +144,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         "lora_adapter": str(result.lora_path) if result.lora_path else None,
     }
     if args.hf_out:  # also a checkpoint transformers loads: its own `bitnet` type where it fits, else remote code
-        from transformers import AutoTokenizer
-
+        from bitnet.data.tokenizer import load_tokenizer
         from bitnet.export.hf_student import save_hf
 
         tok_dir = args.tokenizer or (str(student) if (student / "tokenizer_config.json").is_file() else None)
-        tok = AutoTokenizer.from_pretrained(tok_dir) if tok_dir else None
+        tok = load_tokenizer(tok_dir) if tok_dir else None
         path, form = save_hf(load_student(student), args.hf_out, tok)
         summary["hf_checkpoint"], summary["hf_form"] = str(path), form
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def export_tokenizer(flag: str | None, student: Path) -> Any:
+    """``--tokenizer``, else the student directory's own tokenizer, loaded here so that a malformed one is a one-line
+    error; None when the student directory has no tokenizer files (the export then says what to pass)."""
+    from bitnet.data.tokenizer import VOCAB_FILES, load_tokenizer
+
+    if flag:
+        return load_tokenizer(flag)
+    return load_tokenizer(student) if any((student / f).is_file() for f in VOCAB_FILES) else None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -185,9 +194,8 @@ def export_files(model: str | Path, lora: str | Path | None) -> tuple[Path, Path
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from bitnet.config import load_config
+    from bitnet.data.tokenizer import load_tokenizer
     from bitnet.evaluate import HarnessConfig, evaluate_model, load_model_for_eval, write_results
     from bitnet.student import student_dir
     from bitnet.world import open_world
@@ -212,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_dir = student_dir(args.model)  # a stage output's model/ (the README: --model takes either)
     own_tokenizer = (model_dir / "tokenizer_config.json").is_file()
     tok_source = args.tokenizer or (str(model_dir) if own_tokenizer else str(world.tokenizer_dir))
-    tokenizer = AutoTokenizer.from_pretrained(tok_source)
+    tokenizer = load_tokenizer(tok_source)
     eval_dir = Path(args.eval_dir) if args.eval_dir else Path(args.world).resolve().parent / "eval"
     results = evaluate_model(model, tokenizer, world.dataset(cfg.split), eval_dir / f"data-{cfg.split}", cfg,
                              name=str(args.model), gguf=args.gguf, lora=args.lora)

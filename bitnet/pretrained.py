@@ -349,15 +349,16 @@ def materialize_teacher(source: str | Path, out_dir: str | Path, *, dtype: torch
 
 
 def load_teacher_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of any teacher source (a GGUF's rebuilt one, else ``AutoTokenizer.from_pretrained``)."""
-    from transformers import AutoTokenizer
+    """The tokenizer of any teacher source (a GGUF's rebuilt one, else :func:`bitnet.data.tokenizer.load_tokenizer`:
+    a malformed tokenizer directory is a one-line ``TokenizerError``)."""
+    from bitnet.data.tokenizer import load_tokenizer
 
     resolved = resolve_source(source)
     if resolved.is_gguf:
         assert resolved.path is not None
         return load_gguf_tokenizer(resolved.path)
     try:
-        return AutoTokenizer.from_pretrained(resolved.source)
+        return load_tokenizer(resolved.source)
     except OSError as e:
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise TeacherSourceNotFoundError(f"cannot load the tokenizer of {resolved.source!r}: {detail}") from e

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from bitnet.data import (
     DataError,
@@ -35,7 +35,7 @@ from bitnet.data import (
 )
 from bitnet.data.baseline import unigram_perplexity
 from bitnet.data.corpus import clean_rst, python_docs_source
-from bitnet.data.tokenizer import TOKENIZER_MARKER, tokenizer_digest
+from bitnet.data.tokenizer import TOKENIZER_MARKER, TokenizerError, load_tokenizer, tokenizer_digest
 from bitnet.io import atomic_dir, check_replaceable, sha256_json, write_json_atomic
 
 log = logging.getLogger("bitdistill.world")
@@ -76,7 +76,12 @@ class World:
         return self.root / "tokenizer"
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+        """The world's tokenizer; missing or malformed files are a one-line :class:`~bitnet.data.DataError`."""
+        return load_tokenizer(self.tokenizer_dir)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.info["config"]["seq_len"])
 
     def dataset(self, split: str) -> PackedDataset:
         if split not in SPLITS:
@@ -113,6 +118,8 @@ def _load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
     try:
         tokenizer = load_teacher_tokenizer(name_or_path)
+    except TokenizerError:
+        raise  # it names the directory and the file already
     except (OSError, ValueError) as e:
         raise DataError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from e
     if tokenizer.eos_token_id is None:
@@ -181,6 +188,16 @@ def _build(cfg: WorldConfig, docs: list[Document], key: str, root: Path) -> dict
     }
 
 
+def check_seq_len_fits(seq_len: int, model_config: Any, what: str) -> None:
+    """Refuse blocks of ``seq_len`` tokens for a model with fewer positions (its ``max_position_embeddings``):
+    it would train and evaluate past the context it was made for without a word. ``model_config`` is a
+    transformers config (without weights); one without ``max_position_embeddings`` is not checked."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and seq_len > positions:
+        raise DataError(f"the world's seq_len ({seq_len}) exceeds the {what}'s max_position_embeddings "
+                        f"({positions}): build the world with --seq-len {positions} or less")
+
+
 def world_tokenizer_digest(world: World) -> str:
     """The identity of the world's tokenizer (vocab, merges, special tokens); recomputed for older worlds."""
     return str(world.info.get("tokenizer_digest") or tokenizer_digest(world.tokenizer()))
@@ -195,7 +212,7 @@ def check_tokenizer_matches(world: World, model_dir: str | Path, what: str = "te
                     what, model_dir, world.root)
         return
     try:
-        theirs = tokenizer_digest(AutoTokenizer.from_pretrained(str(model_dir)))
+        theirs = tokenizer_digest(load_tokenizer(model_dir))
     except (OSError, ValueError) as e:
         if not d.exists():  # a hub id whose tokenizer cannot be fetched here: the model load will say more
             log.warning("cannot load the %s's tokenizer %s to check the world against it: %s", what, model_dir,

@@ -23,7 +23,7 @@ from prefect.states import State  # noqa: E402
 
 from flows.config import STUDENT_STAGES, PipelineConfig, pipeline_config  # noqa: E402
 from flows.params import PipelineOverrides, PresetName  # noqa: E402
-from flows.preflight import check_export_target  # noqa: E402
+from flows.preflight import preflight  # noqa: E402
 from flows.report import RunSummary  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
 
@@ -48,9 +48,9 @@ def bitdistill(
 ) -> RunSummary | State:
     """``preset``: tiny (default), smoke or a real-model preset; ``config``: a full config, or a partial mapping
     merged over the preset (``{"kd": {"temperature": 2.0}}``). A student no llama.cpp graph takes is refused before
-    the first stage (:func:`flows.preflight.check_export_target`)."""
+    the first stage (:func:`flows.preflight.preflight`)."""
     cfg = pipeline_config(config, preset)
-    check_export_target(cfg)
+    preflight(cfg)
     return StageRunner.execute(pipeline, cfg)
 
 

@@ -21,7 +21,7 @@ def run_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.bitdistill import bitdistill
     from flows.config import pipeline_config
-    from flows.preflight import check_export_target
+    from flows.preflight import preflight
     from tasks.artifacts import ArtifactError, ArtifactStore
     from tasks.compute import ComputeError
     from tasks.tracking import TrackingError
@@ -32,7 +32,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     try:
         ArtifactStore.from_config(cfg.resolved().store).check()  # an unusable root: one line, before Prefect starts
-        check_export_target(cfg)  # a student no llama.cpp graph takes: one line, before any stage (and Prefect)
+        preflight(cfg)  # e.g. a student no llama.cpp graph takes: one line, before any stage (and Prefect)
         summary = bitdistill(config=cfg)
     except (ArtifactError, ComputeError, TrackingError) as e:
         raise CLIError(str(e)) from e

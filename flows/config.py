@@ -93,9 +93,10 @@ STUDENT_STAGES = ("layerwise", "cpt", "kd", "lrc")
 
 
 class PipelineConfig(BaseModel):
-    """Everything one run of flow ``bitdistill`` needs; the defaults are the ``tiny`` preset."""
+    """Everything one run of flow ``bitdistill`` needs; the defaults are the ``tiny`` preset. It holds no credentials
+    (``store``, ``tracking`` and the world's source refuse them): it is stored as the flow run's parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # errors never quote a refused secret
 
     preset: str = Field(default="tiny", description="the preset this config was built from (one of PRESETS)")
     reuse_only: bool = Field(

@@ -1,4 +1,4 @@
-"""Checks a run makes before its first stage, from its config alone (no Prefect import here).
+"""Checks a run makes before its first stage, from its config alone (no Prefect import here): :func:`preflight`.
 
 :func:`check_export_target`: the student the pipeline will produce (teacher family + ``convert.bitnet.subln``) must
 have a llama.cpp graph that ``export`` can write, and the world's tokenizer a llama.cpp tokenizer model that reproduces
@@ -73,15 +73,26 @@ def _tokenizer_kind(name: str, tokenizer_pre: str | None, version: int) -> str:
     return f"{kind.model}/{kind.pre}" if kind.pre else kind.model
 
 
-def check_export_target(cfg: PipelineConfig) -> str | None:
+def check_export_target(cfg: PipelineConfig, hf: Any | None = None) -> str | None:
     """The llama.cpp graph the run's student will be exported to (None: no export stage, or no readable teacher
     config); raises :class:`~bitnet.families.exportable.StudentNotExportableError` when there is none, and checks the
-    tokenizer (:func:`check_export_tokenizer`)."""
+    tokenizer (:func:`check_export_tokenizer`). ``hf``: the teacher config, when the caller has read it."""
     if not cfg.export.enabled:
         return None
-    hf = teacher_config(cfg)
+    hf = hf if hf is not None else teacher_config(cfg)
     teacher = cfg.teacher.pretrained or "the tiny teacher"
     graph = None if hf is None else check_student_exportable(hf, cfg.convert.bitnet.subln, cfg.export.arch,
                                                              teacher=repr(teacher))
     check_export_tokenizer(cfg)
     return graph
+
+
+def preflight(cfg: PipelineConfig) -> str | None:
+    """Everything a run checks before its first stage: blocks that fit the teacher's positions, then the export
+    target (:func:`check_export_target`, whose graph it returns)."""
+    from bitnet.world import check_seq_len_fits
+
+    hf = teacher_config(cfg)
+    if hf is not None:
+        check_seq_len_fits(cfg.world.seq_len, hf, f"teacher {cfg.teacher.pretrained or '(tiny)'}")
+    return check_export_target(cfg, hf)

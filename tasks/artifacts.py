@@ -36,6 +36,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from bitnet.config import refuse_credentials, secret_options
 from bitnet.io import CONTENT_EXCLUDE, LockBusyError, content_digest, file_lock, sha256_file
 
 MANIFEST = "manifest.json"
@@ -100,10 +101,15 @@ class Manifest(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
 
-class StoreConfig(BaseModel):
-    """Where artifacts live. Credentials never go here: they come from the environment (AWS_*, GOOGLE_*)."""
+_CREDENTIALS_HINT = ("set them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                     "GOOGLE_APPLICATION_CREDENTIALS), fsspec's config or a Prefect block")
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class StoreConfig(BaseModel):
+    """Where artifacts live. Credentials never go here: they come from the environment (AWS_*, GOOGLE_*) or fsspec's
+    own config, because this config is stored in run records (Prefect flow-run parameters, manifests, MLflow)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     root: str = Field(description="artifact root: a local path, file://, s3:// or gs:// URL")
     storage_options: dict[str, Any] = Field(
@@ -111,34 +117,19 @@ class StoreConfig(BaseModel):
     )
     cache_dir: str | None = Field(default=None, description="local staging directory for remote roots")
 
+    @field_validator("root")
+    @classmethod
+    def _no_secret_root(cls, v: str) -> str:
+        refuse_credentials(v, "store.root", _CREDENTIALS_HINT)
+        return v
+
     @field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if bad := secret_keys(v):
-            raise ValueError(f"storage_options must not hold credentials ({', '.join(bad)}): they would be stored "
-                             "in run records; set them in the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) "
-                             "or a Prefect block")
+        if bad := secret_options(v):
+            raise ValueError(f"storage_options must not hold credentials ({'; '.join(bad)}): they would be stored "
+                             f"in run records; {_CREDENTIALS_HINT}")
         return v
-
-
-_SECRET_WORDS = ("secret", "password", "passwd", "token", "credential", "private", "key_id", "access_key",
-                 "account_key", "sas", "auth", "session")
-
-
-_NOT_SECRETS = ("anon", "google_default", "cloud", "browser", "cache")  # e.g. gcsfs token= modes, not credentials
-
-
-def secret_keys(options: Any, prefix: str = "") -> list[str]:
-    """Keys of (nested) ``options`` that look like credentials (``key``, ``secret``, ``token``, ...)."""
-    found: list[str] = []
-    if isinstance(options, dict):
-        for k, v in options.items():
-            name = str(k).lower().replace("-", "_")
-            harmless = v is None or isinstance(v, bool) or (isinstance(v, str) and v in _NOT_SECRETS)
-            if not harmless and (name in ("key", "pass", "pwd") or any(w in name for w in _SECRET_WORDS)):
-                found.append(prefix + str(k))
-            found += secret_keys(v, f"{prefix}{k}.")
-    return found
 
 
 def _default_cache_dir() -> Path:

@@ -18,6 +18,11 @@ Lineage is secondary to training: an HTTP tracking server that does not answer `
 ``tracking.connect_timeout_s`` is a warning and the flow goes on without lineage, or, with
 ``tracking.required: true``, the run is refused before any stage runs. Later HTTP calls retry at most
 ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` times (default here 2, about 6 s, instead of MLflow's 7, about 4 min).
+
+Credentials: ``tracking.uri`` holding any (``user:password@``, ``?token=``) is refused, since the config is stored
+as the flow run's parameters and in MLflow; they go in ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``
+(or ``MLFLOW_TRACKING_TOKEN``), or in ``MLFLOW_TRACKING_URI`` of the worker's environment, which is used as it is
+and only ever shown redacted (:func:`bitnet.config.redact_uri`): in logs, errors, the run summary and MLflow.
 """
 
 from __future__ import annotations
@@ -33,11 +38,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from bitnet.config import redact_text, redact_uri, refuse_credentials
 from tasks.artifacts import ArtifactRef, ArtifactStore, Manifest
 
 if TYPE_CHECKING:
+    from urllib.request import Request
+
     from mlflow import MlflowClient
 
 TAG = "bitdistill"
@@ -48,6 +56,9 @@ KEY_PARAMS = ("pretrained", "tokenizer", "vocab_size", "seq_len", "train.max_ste
               "train.grad_accum", "train.precision", "data.batch_size", "temperature", "alpha", "beta", "gamma",
               "lambda_warmup_steps", "rank", "split", "max_batches")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # backoff 2 s, 4 s: a dead server costs seconds
+# MLflow prints "View run … at: <tracking URI>/#/…" to stdout at the end of every run, credentials included; the
+# parent run's link is in the run summary (Lineage.location), redacted
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class TrackingError(RuntimeError):
@@ -55,7 +66,7 @@ class TrackingError(RuntimeError):
 
 
 class TrackingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     enabled: bool = True
     uri: str | None = Field(
@@ -67,6 +78,13 @@ class TrackingConfig(BaseModel):
     connect_timeout_s: float = Field(default=5.0, gt=0, description="how long an HTTP tracking server may take to "
                                      "answer /health before it counts as unreachable")
 
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        refuse_credentials(v, "tracking.uri", "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or "
+                           "MLFLOW_TRACKING_TOKEN) in the environment, or the whole URI as MLFLOW_TRACKING_URI")
+        return v
+
 
 def check_reachable(uri: str, timeout_s: float) -> str | None:
     """``None`` when an HTTP(S) tracking server answers ``GET /health`` within ``timeout_s`` (other URIs are not
@@ -77,13 +95,35 @@ def check_reachable(uri: str, timeout_s: float) -> str | None:
     if not uri.startswith(("http://", "https://")):
         return None
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+        with urllib.request.urlopen(health_request(uri), timeout=timeout_s) as r:
             return None if r.status == 200 else f"GET /health answered {r.status}"
     except urllib.error.HTTPError as e:
         return f"GET /health answered {e.code}"
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        return f"no answer within {timeout_s:g} s ({reason})"
+        return redact_text(f"no answer within {timeout_s:g} s ({reason})", uri)
+
+
+def health_request(uri: str) -> Request:
+    """``GET {uri}/health`` with the credentials MLflow itself would send: the URI's ``user:password@`` (urllib
+    takes none inside a URL), else ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``, else ``MLFLOW_TRACKING_TOKEN``."""
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    user, password = parts.username, parts.password
+    if user is None:
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    netloc = parts.netloc.rpartition("@")[2]
+    url = urllib.parse.urlunsplit(parts._replace(netloc=netloc, path=f"{parts.path.rstrip('/')}/health"))
+    headers = {}
+    if user is not None:
+        pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    elif token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {token}"
+    return urllib.request.Request(url, headers=headers)
 
 
 def key_params(config: dict[str, Any]) -> dict[str, str]:
@@ -134,10 +174,12 @@ class Lineage:
             return
         uri, artifact_location = (cfg.uri, None) if cfg.uri else default_tracking_uri(store, preset)
         self.uri = uri
+        self.shown = redact_uri(uri)  # MLFLOW_TRACKING_URI may hold credentials: used, never shown
         if (why := check_reachable(uri, cfg.connect_timeout_s)) is not None:
             if cfg.required:
-                raise TrackingError(f"MLflow tracking server {uri} is unreachable: {why} (tracking.required is true)")
-            logger.warning("MLflow tracking disabled for this run: %s is unreachable: %s", uri, why)
+                raise TrackingError(f"MLflow tracking server {self.shown} is unreachable: {why} "
+                                    "(tracking.required is true)")
+            logger.warning("MLflow tracking disabled for this run: %s is unreachable: %s", self.shown, why)
             return
         try:
             from mlflow import MlflowClient
@@ -153,10 +195,10 @@ class Lineage:
             self.parent = run.info.run_id
             self._config(self.parent, params, {"preset": preset, "store.root": store.root_uri,
                                                "reuse_only": params.get("reuse_only")})
-            logger.info("MLflow: run %s in experiment %r at %s", self.parent, cfg.experiment, uri)
+            logger.info("MLflow: run %s in experiment %r at %s", self.parent, cfg.experiment, self.shown)
         except Exception as e:  # noqa: BLE001 — lineage must not stop the pipeline
             if cfg.required:
-                raise TrackingError(f"MLflow tracking at {uri} failed: {' '.join(str(e).split())[:300]}") from e
+                raise TrackingError(f"MLflow tracking at {self.shown} failed: {self._why(e)}") from None
             self._disable(e)
 
     def close_stale(self, flow_run_id: str, is_stale: Callable[[str], bool] | None) -> list[str]:
@@ -191,11 +233,15 @@ class Lineage:
         if self.client is None or self.parent is None:
             return None
         if self.uri.startswith(("http://", "https://")):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.parent}"
-        return f"{self.uri} (experiment {self.experiment_id}, run {self.parent})"
+            return f"{self.shown.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.parent}"
+        return f"{self.shown} (experiment {self.experiment_id}, run {self.parent})"
+
+    def _why(self, e: Exception) -> str:
+        """An MLflow error in one line, without the tracking URI's credentials (MLflow quotes request URLs)."""
+        return redact_text(" ".join(str(e).split()), self.uri)[:300]
 
     def _disable(self, e: Exception) -> None:
-        self.logger.warning("MLflow tracking disabled for this run: %s", " ".join(str(e).split())[:300])
+        self.logger.warning("MLflow tracking disabled for this run: %s", self._why(e))
         self.client = None
 
     def _config(self, run_id: str, config: dict[str, Any], params: dict[str, Any]) -> None:

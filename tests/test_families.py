@@ -119,7 +119,7 @@ def test_bitdistill_run_refuses_an_unexportable_student_before_any_stage(tmp_pat
     Qwen2Config(**SMALL, tie_word_embeddings=True).save_pretrained(teacher)
     root = tmp_path / "root"
     rc = main(["run", "--root", str(root), "--set", f"teacher.pretrained={teacher}",
-               "--set", "convert.bitnet.subln=standard"])
+               "--set", "convert.bitnet.subln=standard", "--set", "world.seq_len=64"])
     err = capsys.readouterr().err
     assert rc == 2, err
     (line,) = err.strip().splitlines()
@@ -173,3 +173,16 @@ def test_run_refuses_a_tokenizer_llama_cpp_would_not_reproduce(tmp_path: Path) -
     assert check_export_tokenizer(cfg.model_copy(update={"export": cfg.export.model_copy(
         update={"tokenizer_pre": "gpt-2"})})) == "gpt2/gpt-2"
     assert check_export_tokenizer(pipeline_config(None, "tiny")) is None
+
+
+def test_run_refuses_blocks_longer_than_the_teachers_positions(tmp_path: Path) -> None:
+    from bitnet.data import DataError
+    from flows.config import pipeline_config
+    from flows.preflight import preflight
+
+    teacher = tmp_path / "teacher"
+    LlamaConfig(**{**SMALL, "max_position_embeddings": 32}, tie_word_embeddings=True).save_pretrained(teacher)
+    cfg = pipeline_config(None, "tiny", sets=[f"teacher.pretrained={teacher}", "world.seq_len=64"])
+    with pytest.raises(DataError, match=r"seq_len \(64\) exceeds the teacher .*max_position_embeddings \(32\)"):
+        preflight(cfg)
+    assert preflight(cfg.model_copy(update={"world": cfg.world.model_copy(update={"seq_len": 32})})) == "bitnet"

@@ -11,6 +11,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from bitnet.config import has_credentials, secret_options
 from bitnet.data.errors import DataError
 from bitnet.io import sha256_json
 
@@ -34,9 +35,13 @@ class TextSource(BaseModel):
     * ``fsspec``: ``url`` (a file, a directory filtered by ``glob``, or a glob URL) and ``storage_options``.
     * ``hf``: ``name`` (hub dataset or builder such as ``json``), ``config_name``, ``data_files``, ``split``,
       ``text_field``, ``streaming``.
+
+    No credentials: a source is part of the world's config, which run records store (Prefect parameters, manifests,
+    MLflow); a URL with ``user:password@`` or a secret query parameter, and secret-looking ``storage_options``
+    (:func:`bitnet.config.secret_options`), are refused. They come from the environment or fsspec's config.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     kind: Literal["dir", "fsspec", "hf"]
     path: str | None = None
@@ -79,6 +84,25 @@ class TextSource(BaseModel):
         if not self.glob:
             raise ValueError("glob must not be empty")
         return self
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> TextSource:
+        hint = "set them in the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN) or fsspec's config"
+        bad = [f"{name}: a URL with credentials" for name, value in self._locations() if has_credentials(value)]
+        bad += secret_options(self.storage_options or {}, "storage_options.")
+        if bad:
+            raise ValueError(f"the source must not hold credentials ({'; '.join(bad)}): it would be stored in run "
+                             f"records; {hint}")
+        return self
+
+    def _locations(self) -> Iterator[tuple[str, str]]:
+        """(field, value) of every place a URL can be given: ``url``, ``path`` and each of ``data_files``."""
+        yield from (("url", self.url or ""), ("path", self.path or ""))
+        files = self.data_files
+        groups = files.items() if isinstance(files, dict) else [("", files)]
+        for split, group in groups:
+            for f in [group] if isinstance(group, str) else group or []:
+                yield (f"data_files.{split}" if split else "data_files"), f
 
 
 def _data_error(e: ValidationError) -> DataError:

@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizer training (``tokenizers``) wrapped as a ``transformers`` fast tokenizer."""
+"""Byte-level BPE tokenizer training (``tokenizers``) wrapped as a ``transformers`` fast tokenizer, and
+:func:`load_tokenizer`, the one way a tokenizer is read from a user's path (every malformed one is one line)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,63 @@ _MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>
 
 
 TOKENIZER_MARKER = "tokenizer_config.json"
+# the files that hold a vocabulary in the formats transformers reads (fast, SentencePiece, BPE/WordPiece vocab)
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+               "sentencepiece.bpe.model")
+# the JSON files of a tokenizer directory, each a JSON object when it is there
+_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json")
+
+
+class TokenizerError(DataError):
+    """A tokenizer directory with missing, truncated or malformed files (one line, no traceback)."""
+
+
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(source)`` for a local directory or a hub id. A local directory's JSON files
+    are checked first (:func:`check_tokenizer_files`), and any failure to load it is a :class:`TokenizerError`:
+    transformers and tokenizers fail on malformed files with ``KeyError``, ``TypeError``, a bare ``Exception`` or
+    a ``ValueError`` of several lines. A hub id that cannot be fetched raises ``OSError`` as before (the caller
+    decides whether that is fatal)."""
+    from transformers import AutoTokenizer
+
+    path = Path(source).expanduser()
+    local = path.is_dir()
+    if local:
+        check_tokenizer_files(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if local else str(source))
+    except Exception as e:  # noqa: BLE001 — see the docstring: malformed files raise anything
+        if isinstance(e, OSError) and not local:
+            raise
+        raise TokenizerError(f"cannot load the tokenizer {source}: {_reason(e, path if local else None)}") from e
+
+
+def _reason(e: Exception, local: Path | None) -> str:
+    """Why a tokenizer did not load, in one line: no vocabulary file at all in a local directory, else the first
+    line of the error (with its type where the message alone is a bare key or index)."""
+    if local is not None and not any((local / f).is_file() for f in VOCAB_FILES):
+        return f"no tokenizer files ({', '.join(VOCAB_FILES[:4])}, ...)"
+    text = str(e) if isinstance(e, OSError | ValueError) else f"{type(e).__name__}: {e}"
+    return (text.strip().splitlines() or [type(e).__name__])[0].rstrip(": ")
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """Refuse a tokenizer directory whose JSON files are truncated or not JSON objects, or whose ``tokenizer.json``
+    lacks what every ``tokenizers`` serialization holds: a ``model`` object and an ``added_tokens`` list."""
+    for name in _JSON_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            spec = json.loads(file.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TokenizerError(f"{file} is not valid JSON (truncated or corrupt?): {e}") from None
+        if not isinstance(spec, dict):
+            raise TokenizerError(f"{file} must hold a JSON object, not a {type(spec).__name__}")
+        if name == "tokenizer.json" and not (isinstance(spec.get("model"), dict)
+                                             and isinstance(spec.get("added_tokens"), list)):
+            raise TokenizerError(f"{file} is not a tokenizers file: it needs a 'model' object and an 'added_tokens' "
+                                 "list")
 
 
 def train_bpe_tokenizer(

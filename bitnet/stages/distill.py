@@ -17,7 +17,7 @@ from bitnet.stages.training import Proc, StageData, held_out_perplexity, train_a
 from bitnet.student import load_student, save_student
 from bitnet.teacher import load_teacher
 from bitnet.trainer import Callback, LossFn, TrainConfig
-from bitnet.world import World, check_tokenizer_matches, open_world
+from bitnet.world import World, check_seq_len_fits, check_tokenizer_matches, open_world
 
 STUDENT_INPUTS = ("student", "teacher", "world")
 
@@ -34,12 +34,15 @@ def lm_forward(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Any:
 def load_pair(inputs: Inputs, proc: Proc, train: TrainConfig) -> tuple[nn.Module, nn.Module, World]:
     """The student to train, the frozen teacher (no gradients; replicated or sharded as ``train`` says) and the
     world, with matching vocabularies: the world must be tokenized with the teacher's tokenizer (not merely one of
-    the same size), and the teacher must be an architecture the student stages support."""
+    the same size), the teacher must be an architecture the student stages support, and both models must have
+    positions for the world's blocks. All of it is checked before any step (the teacher's before its weights)."""
     world = open_world(inputs["world"])
+    world.tokenizer()  # a malformed world tokenizer: one line now, not at the save after training
     source = teacher_source(inputs["teacher"])
-    check_teacher_architecture(source)
+    check_seq_len_fits(world.seq_len, check_teacher_architecture(source), f"teacher {source}")
     check_tokenizer_matches(world, source)
     student = load_student(model_dir(inputs["student"])).to(proc.device)
+    check_seq_len_fits(world.seq_len, student.config, f"student {model_dir(inputs['student'])}")
     teacher = place_teacher(load_teacher(source), proc.device, placement=train.teacher_placement,
                             precision=train.precision)
     if teacher.config.vocab_size != student.config.vocab_size:
@@ -51,21 +54,23 @@ def load_pair(inputs: Inputs, proc: Proc, train: TrainConfig) -> tuple[nn.Module
     return student, teacher, world
 
 
-def check_teacher_architecture(source: str) -> None:
+def check_teacher_architecture(source: str) -> Any:
     """Refuse, before loading any weights, a teacher whose architecture the student stages cannot align with
-    (e.g. GPT-2: no q/k/v projections for the attention-relation loss, no SubLN placement rule)."""
+    (e.g. GPT-2: no q/k/v projections for the attention-relation loss, no SubLN placement rule). Returns the
+    teacher's transformers config."""
     from transformers import AutoConfig
 
     from bitnet.convert import UnsupportedArchitectureError, supported_architectures
 
     try:
-        model_type = AutoConfig.from_pretrained(source).model_type
+        config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"cannot read the teacher's config from {source}: {str(e).splitlines()[0]}") from e
-    if model_type not in supported_architectures():
+    if config.model_type not in supported_architectures():
         raise UnsupportedArchitectureError(
-            f"teacher {source} is a {model_type!r} model; the student stages support "
+            f"teacher {source} is a {config.model_type!r} model; the student stages support "
             f"{', '.join(supported_architectures())}")
+    return config
 
 
 def fresh_student(inputs: Inputs, lrc_rank: int = 0) -> nn.Module:

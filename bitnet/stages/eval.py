@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoTokenizer
 
 from bitnet.data import iter_eval_batches
+from bitnet.data.tokenizer import load_tokenizer
 from bitnet.evaluate import (
     HarnessConfig,
     compare_to_teacher,
@@ -61,7 +61,7 @@ def run(cfg: EvalConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
         metrics.update({f"{name}_ppl": m["ppl"], f"{name}_top1_agreement": m["top1_agreement"], f"{name}_kl": m["kl"]})
     if cfg.harness is not None and "student" in inputs:
         student_dir = model_dir(inputs["student"])
-        res = evaluate_model(load_student(student_dir), AutoTokenizer.from_pretrained(str(student_dir)), data,
+        res = evaluate_model(load_student(student_dir), load_tokenizer(student_dir), data,
                              out / "lm-eval-data", cfg.harness, name="student")
         write_results(res, out / "lm-eval.json")
         metrics.update({f"student_{task}_{k}": v for task, m in res.tasks.items() for k, v in m.items()})

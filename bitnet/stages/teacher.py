@@ -21,7 +21,7 @@ from bitnet.stages.base import PRETRAINED_RECORD, Inputs, Stage
 from bitnet.stages.training import Proc, StageData, held_out_perplexity, schedule, train_and_save
 from bitnet.teacher import TinyTeacherConfig, build_tiny_teacher, count_parameters
 from bitnet.trainer import TrainConfig
-from bitnet.world import open_world
+from bitnet.world import check_seq_len_fits, open_world
 
 
 class TeacherConfig(BaseModel):
@@ -57,8 +57,7 @@ def run(cfg: TeacherConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
                                   eos_token_id=tokenizer.eos_token_id)
 
     model = build()
-    if model.config.max_position_embeddings < world.info["config"]["seq_len"]:
-        raise ValueError("teacher max_position_embeddings is shorter than the world's seq_len")
+    check_seq_len_fits(world.seq_len, model.config, "tiny teacher")
 
     def save(model: nn.Module, metrics: dict[str, Any]) -> None:
         metrics["parameters"] = count_parameters(model)
