@@ -306,10 +306,15 @@ SMOKE_GLOB = "library/[ab]*.rst.txt"  # 36 files, 0.5 MB of the Python docs
 
 def smoke() -> PipelineConfig:
     """Every stage on a sliver of the Python docs with a 2-layer teacher and a few steps per stage: the whole flow
-    in about a minute on 2 CPU cores (a check that a deployment, a worker and the store work, not a model)."""
+    in about a minute on 2 CPU cores. Small, but trained enough to tell a working pipeline from a broken one: the
+    teacher (150 steps, ~10 s) must beat the naive ternary conversion, and the student (3–5 steps a stage) must sit
+    between them on held-out perplexity. Measured 2026-12-06 (2 cores, 1,024 test tokens): teacher 73.7, student
+    85.7, naive ternary 100.1 (with the earlier 6-step teacher: 277, 271.9, 271.9 — no order at all);
+    ``tests/test_ops.py::test_smoke_run_orders_teacher_student_naive`` asserts the order."""
     train = {"lr": 2e-3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2, "eval_every": 0}
     data = {"batch_size": 4, "eval_batch_size": 8, "eval_max_batches": 2}
     student = {"train": {**train, "max_steps": 3}, "data": data}
+    longer = {"train": {**train, "max_steps": 5}, "data": data}
     return load_config(PipelineConfig, base={
         "preset": "smoke",
         "store": {"root": "runs/smoke/artifacts"},
@@ -317,11 +322,11 @@ def smoke() -> PipelineConfig:
                   "split_fractions": [0.8, 0.1, 0.1], "vocab_size": 512, "seq_len": 64},
         "teacher": {"model": {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2,
                               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128},
-                    "train": {**train, "max_steps": 6, "lr": 5e-3},
+                    "train": {**train, "max_steps": 150, "lr": 5e-3, "ckpt_every": 50, "log_every": 10},
                     "data": {"batch_size": 8, "eval_batch_size": 8, "eval_max_batches": 2}},
         "layerwise": student,
-        "cpt": {**student, "lambda_warmup_steps": 2},
-        "kd": student,
+        "cpt": {**longer, "lambda_warmup_steps": 2},
+        "kd": longer,
         "lrc": {**student, "rank": 4, "calib_batches": 2},
         "eval": {"batch_size": 8, "max_batches": 2},
     })
