@@ -25,7 +25,7 @@ from flows.config import STUDENT_STAGES, PipelineConfig, pipeline_config  # noqa
 from flows.params import PipelineOverrides, PresetName  # noqa: E402
 from flows.preflight import preflight  # noqa: E402
 from flows.report import RunSummary  # noqa: E402
-from flows.runner import StageRunner  # noqa: E402
+from flows.runner import StageRunner, close_lineage  # noqa: E402
 
 
 def pipeline(run: StageRunner) -> RunSummary:
@@ -42,7 +42,9 @@ def pipeline(run: StageRunner) -> RunSummary:
     return run.finish(student, gguf)
 
 
-@flow(name="bitdistill", validate_parameters=False)
+# a cancelled, crashed or failed flow run closes its MLflow runs when Prefect marks the state, not at the next run
+@flow(name="bitdistill", validate_parameters=False, on_cancellation=[close_lineage], on_crashed=[close_lineage],
+      on_failure=[close_lineage])
 def bitdistill(
     config: PipelineOverrides | PipelineConfig | None = None, preset: PresetName | None = None
 ) -> RunSummary | State:
@@ -54,7 +56,9 @@ def bitdistill(
     return StageRunner.execute(pipeline, cfg)
 
 
-@flow(name="bitdistill", validate_parameters=False)
+# a cancelled, crashed or failed flow run closes its MLflow runs when Prefect marks the state, not at the next run
+@flow(name="bitdistill", validate_parameters=False, on_cancellation=[close_lineage], on_crashed=[close_lineage],
+      on_failure=[close_lineage])
 def bitdistill_eval_only(
     config: PipelineOverrides | PipelineConfig | None = None, preset: PresetName | None = None
 ) -> RunSummary | State:

@@ -7,6 +7,11 @@ ends ``Failed`` with the stage's one-line message (the traceback is in the stage
 
 A retried flow run (``prefect flow-run retry`` after a crash) first marks the task runs its killed attempt left
 ``Running`` as ``Crashed``; :class:`~tasks.tracking.Lineage` closes MLflow runs of killed attempts as ``KILLED``.
+
+MLflow: each stage attempt's nested run is opened before the stage runs and hears its training steps
+(:func:`tasks.progress.listening`); a failed stage closes it ``FAILED`` with the error, and the parent ``FAILED``
+with the same ``error`` tag. :func:`close_lineage` is the flow's ``on_cancellation`` / ``on_crashed`` /
+``on_failure`` hook: it closes what is still ``RUNNING`` when Prefect marks the state, at that state's time.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -22,12 +27,17 @@ from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
 from bitnet.stages import STAGES
-from flows.config import PipelineConfig, StepOptions
+from flows.config import PipelineConfig, StepOptions, pipeline_config
 from flows.report import RunSummary, StageRow, markdown, stage_numbers, stage_throughput
 from tasks.artifacts import ArtifactError, ArtifactRef, ArtifactStore
 from tasks.compute import preflight
+from tasks.progress import listening
 from tasks.stages import stage_task
-from tasks.tracking import Lineage, TrackingError
+from tasks.tracking import Lineage, TrackingError, close_flow_run
+
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.client.schemas.objects import FlowRun
 
 
 class StageFailed(Exception):
@@ -80,20 +90,24 @@ class StageRunner:
             return None
         stage_cfg = step.stage_config()
         if st.fingerprint is not None:  # e.g. the world's corpus listing: a bad source is one line, before the task
+            t0, started = time.perf_counter(), time.time()
             try:
                 st.fingerprint(stage_cfg)
             except Exception as e:  # noqa: BLE001 — any failure of the source is the stage's failure
-                self.fail(name, f"{name}: {type(e).__name__}: {e}", e)
-        t = stage_task.with_options(retries=step.retries, retry_delay_seconds=step.retry_delay_s, task_run_name=name)
+                self.fail(name, f"{name}: {type(e).__name__}: {e}", e, wall_s=time.perf_counter() - t0,
+                          started=started)
+        t = stage_task.with_options(retries=step.retries, retry_delay_seconds=step.retry_delay_s, task_run_name=name,
+                                    retry_condition_fn=self._retrying(name) if step.retries else None)
         t0, started = time.perf_counter(), time.time()
         args: dict[str, Any] = {
             "name": name, "cfg": stage_cfg, "inputs": {k: v for k, v in inputs.items() if v is not None},
             "store": self.cfg.store, "reuse_only": self.cfg.reuse_only and st.reuse_in_eval_only,
             "compute": step.compute,
         }
-        state = t(**args, return_state=True)
-        if state.is_completed() and state.name == "Cached" and not self._still_valid(name, state.result()):
-            state = t.with_options(refresh_cache=True)(**args, return_state=True)
+        with listening(self.lineage.begin(name, started)):
+            state = t(**args, return_state=True)
+            if state.is_completed() and state.name == "Cached" and not self._still_valid(name, state.result()):
+                state = t.with_options(refresh_cache=True)(**args, return_state=True)
         wall = time.perf_counter() - t0
         if not state.is_completed():
             try:
@@ -101,7 +115,8 @@ class StageRunner:
                 error: BaseException = RuntimeError(f"stage {name} ended in state {state.name}")
             except BaseException as e:  # noqa: BLE001 — the stage's own exception, already logged by its task run
                 error = e
-            self.fail(name, f"{name}: {type(error).__name__}: {error}", error, state=state.name, wall_s=wall)
+            self.fail(name, f"{name}: {type(error).__name__}: {error}", error, state=state.name, wall_s=wall,
+                      started=started)
         ref: ArtifactRef = state.result()
         manifest = self.store.read_manifest(ref)
         loss, ppl = stage_numbers(manifest.metrics)
@@ -121,16 +136,31 @@ class StageRunner:
         return ref
 
     def fail(self, name: str, message: str, error: BaseException, state: str | None = None,
-             wall_s: float = 0.0) -> None:
-        """Record stage ``name`` as failed, close the run's lineage, and end the flow run ``Failed`` with
-        ``message`` (raises :class:`StageFailed`; :meth:`execute` turns it into the flow run's state)."""
+             wall_s: float = 0.0, started: float | None = None) -> None:
+        """Record stage ``name`` as failed, close its nested run and the parent run ``FAILED`` with ``message`` as
+        their ``error`` tag, and end the flow run ``Failed`` with ``message`` (raises :class:`StageFailed`;
+        :meth:`execute` turns it into the flow run's state)."""
         message = " ".join(message.split())
         self.summary.stages.append(StageRow(stage=name, status="failed", state=state, wall_s=wall_s,
                                             note=message[:200]))
         self.publish()
-        self.lineage.finish(self.summary.model_dump(mode="json"), None, None, failed=True)
+        self.lineage.stage_failed(name, message, wall_s=wall_s, started=started)
+        self.lineage.finish(self.summary.model_dump(mode="json"), None, None, failed=True,
+                            error=f"stage {message}")
         self.logger.error("stage %s failed: %s", name, message)
         raise StageFailed(Failed(message=f"stage {message}", data=error))
+
+    def _retrying(self, name: str) -> Callable[[Any, Any, State], bool]:
+        """Prefect's ``retry_condition_fn`` for stage ``name``: called on each failed attempt that has a retry left,
+        it records the attempt in MLflow (``FAILED``, its error) and lets Prefect retry."""
+
+        def record(task: Any, task_run: Any, state: State) -> bool:
+            error = state.data if isinstance(state.data, BaseException) else state.message
+            why = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+            self.lineage.retrying(name, f"{name}: {why}")
+            return True
+
+        return record
 
     def _still_valid(self, name: str, ref: ArtifactRef) -> bool:
         try:
@@ -168,6 +198,33 @@ class StageRunner:
         self.publish()
         self.lineage.finish(self.summary.model_dump(mode="json"), student, self.summary.gguf)
         return self.summary
+
+
+# ------------------------------------------------------------------------------------------------ flow hooks
+def close_lineage(flow: Flow[..., Any], flow_run: FlowRun, state: State) -> None:
+    """Flow hook (``on_cancellation``, ``on_crashed``, ``on_failure``): close the flow run's MLflow runs that are
+    still ``RUNNING`` at the time of ``state`` — ``KILLED`` for a cancelled or crashed run, ``FAILED`` for a failed
+    one — with the state's message as their ``error`` tag. Runs in the flow's process, or in the runner's after it
+    killed the process (Prefect passes ``flow``, ``flow_run`` and ``state``)."""
+    from prefect.logging.loggers import flow_run_logger
+
+    logger = flow_run_logger(flow_run, flow)
+    params = flow_run.parameters or {}
+    try:
+        cfg = pipeline_config(params.get("config"), params.get("preset")).resolved()
+    except Exception:  # noqa: BLE001 — a config refused before any run opened: nothing to close
+        return
+    status = "FAILED" if state.is_failed() else "KILLED"
+    error = f"{state.name}: {state.message or 'flow run ' + state.name}"
+    try:
+        closed = close_flow_run(cfg.tracking, ArtifactStore.from_config(cfg.store),
+                                cfg.preset, str(flow_run.id), end_s=state.timestamp.timestamp(), error=error,
+                                status=status)
+    except Exception as e:  # noqa: BLE001 — one line (redacted: TrackingError); the next run closes what is left
+        logger.warning("MLflow: could not close the runs of this flow run: %s", " ".join(str(e).split())[:300])
+        return
+    if closed:
+        logger.info("MLflow: closed %d run(s) as %s (%s)", len(closed), status, state.name)
 
 
 # ------------------------------------------------------------------------------------------------ crash recovery

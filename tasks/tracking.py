@@ -1,17 +1,31 @@
 """MLflow lineage of flow ``bitdistill``: a parent run per flow run, a nested run per stage.
 
 Params stay few: a run's full config is one ``config.json`` artifact; the params are a handful of key values
-(:data:`KEY_PARAMS`: steps, learning rate, batch size, temperature, rank, ...). Each stage's nested run spans the
-stage's wall time (so MLflow's Duration column is the stage's time, 0 for a cache hit) and carries
-``stage_wall_s`` and ``tokens`` as metrics, the trainer's per-step metrics, the input datasets (the world's splits
-with their content digests, via ``log_inputs``), the manifest and a loss-curve plot as artifacts, and tags linking
-it to its artifact (URI + manifest sha256) and to the runs that produced its upstream artifacts. A stage served
-from a cache still gets a nested run (final metrics) tagged ``bitdistill.cached`` and linked to the run that
-produced the artifact (``bitdistill.produced_by_run_id``). The parent run carries the final evaluation
-(``eval/*``) and the pipeline's wall time. The final student is recorded as an external logged model.
+(:data:`KEY_PARAMS`: steps, learning rate, batch size, temperature, rank, ...).
 
-Runs of killed attempts (a SIGKILLed flow run leaves its MLflow runs ``RUNNING``) are closed as ``KILLED`` by the
-next run: the retry of the same flow run, or any later run once Prefect holds the old flow run as final.
+Every attempt of every stage has a nested run, opened ``RUNNING`` when the stage starts (:meth:`Lineage.begin`) and
+spanning the stage's wall time (so MLflow's Duration column is the stage's time, ~0 for a cache hit). While it trains,
+the stage's progress reporter logs ``progress/step``, ``progress/tokens`` and ``progress/loss`` to it. It ends
+
+- ``FINISHED`` (:meth:`Lineage.stage`) with ``stage_wall_s``, ``tokens`` (what this attempt trained: a resumed
+  stage counts only the steps after its checkpoint, a cache hit 0) and ``tokens_total`` (what the artifact's
+  training took, resumed steps included) as metrics, the trainer's per-step metrics, the input datasets (the
+  world's splits it read, with their content digests, via ``log_inputs``: train/validation for training stages,
+  the evaluated split for ``eval``), the manifest and a loss-curve plot as artifacts, and tags linking it to its
+  artifact (URI + manifest sha256) and to the runs that produced its upstream artifacts. A stage served from a
+  cache is tagged ``bitdistill.cached`` and linked to the run that produced the artifact
+  (``bitdistill.produced_by_run_id``);
+- ``FAILED`` (:meth:`Lineage.stage_failed`: the stage failed or was refused) with an ``error`` tag (one line),
+  ``stage_wall_s`` and the ``tokens`` it trained before it failed;
+- ``KILLED`` when its process died: closed by the flow's ``on_cancellation`` / ``on_crashed`` hook
+  (:func:`close_flow_run`, at the time Prefect marked the state) or, for a SIGKILL that no hook saw, by the next
+  run (:meth:`Lineage.close_stale`: the retry of the same flow run, or any later run once Prefect holds the old
+  flow run as final), which ends it at its last sign of life (its last progress metric), not at the time it is
+  found.
+
+The parent run carries the final evaluation (``eval/*``) and the pipeline's wall time, and an ``error`` tag when
+it ends ``FAILED`` or ``KILLED``. The final student is recorded as an external logged model once: a run whose
+student already has a logged model (a cache hit) logs none.
 
 Tracking URI: the pipeline's ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else sqlite under the work dir.
 Lineage is secondary to training: an HTTP tracking server that does not answer ``/health`` within
@@ -27,6 +41,7 @@ and only ever shown redacted (:func:`bitnet.config.redact_uri`): in logs, errors
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -35,6 +50,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,11 +58,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bitnet.config import redact_text, redact_uri, refuse_credentials
 from tasks.artifacts import ArtifactRef, ArtifactStore, Manifest
+from tasks.progress import AttemptListener
 
 if TYPE_CHECKING:
     from urllib.request import Request
 
     from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 TAG = "bitdistill"
 
@@ -132,13 +150,15 @@ def key_params(config: dict[str, Any]) -> dict[str, str]:
     return {k: flat[k] for k in KEY_PARAMS if k in flat and flat[k] not in ("None", "null")}
 
 
-def default_tracking_uri(store: ArtifactStore, preset: str) -> tuple[str, str | None]:
-    """(tracking URI, artifact location for a new experiment); sqlite next to a local artifact root."""
+def default_tracking_uri(store: ArtifactStore, preset: str, create: bool = True) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment); sqlite next to a local artifact root (its directory
+    made unless ``create`` is false)."""
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri, None
     workdir = Path(store.root_path).parent if store.local else Path("runs") / preset
     workdir = workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    if create:
+        workdir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{workdir / 'mlflow.db'}", (workdir / "mlartifacts").as_uri()
 
 
@@ -157,6 +177,39 @@ def _numeric(d: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def one_line(text: str, limit: int = 1000) -> str:
+    """An error message as one line (MLflow's ``error`` tag)."""
+    return " ".join(str(text).split())[:limit]
+
+
+def attempt_tokens(metrics: dict[str, Any]) -> float:
+    """The tokens the attempt that produced ``metrics`` trained: the trainer's own count of this attempt
+    (``tokens_per_s`` × ``wall_s``), else the share of the steps after ``resumed_from``, else ``tokens``."""
+    total = metrics.get("tokens") or 0
+    rate, wall = metrics.get("tokens_per_s"), metrics.get("wall_s")
+    if isinstance(rate, int | float) and isinstance(wall, int | float) and wall > 0:
+        return float(round(rate * wall))
+    steps, resumed = metrics.get("steps"), metrics.get("resumed_from")
+    if isinstance(steps, int) and steps > 0 and isinstance(resumed, int):
+        return float(total) * max(0, steps - resumed) / steps
+    return float(total)
+
+
+@dataclass
+class Attempt:
+    """The open nested run of a stage's attempt that is running."""
+
+    run_id: str
+    started: float
+    tokens: float = 0.0
+
+
+def attempt_wall(attempt: Attempt, started: float, wall_s: float) -> float:
+    """The wall time of ``attempt`` within a stage call that ran ``wall_s`` from ``started`` (retried attempts
+    start later)."""
+    return wall_s if attempt.started == started else max(0.0, started + wall_s - attempt.started)
+
+
 class Lineage:
     """The MLflow side of one flow run (all methods swallow and log tracking errors)."""
 
@@ -169,6 +222,8 @@ class Lineage:
         self.client: MlflowClient | None = None
         self.parent: str | None = None
         self.stage_runs: dict[str, str] = {}
+        self.open: dict[str, Attempt] = {}
+        self.attempt = str(attempt)
         self.started = time.time()
         if not cfg.enabled:
             return
@@ -221,7 +276,9 @@ class Lineage:
             if fr not in verdict:
                 verdict[fr] = fr == flow_run_id or (is_stale is not None and _safe(is_stale, fr))
             if verdict[fr]:
-                self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+                end = last_seen(self.client, run)
+                close_run(self.client, run, RunStatus.to_string(RunStatus.KILLED), end,
+                          "its flow run's process was killed")
                 closed.append(run.info.run_id)
         if closed:
             self.logger.info("MLflow: closed %d run(s) of killed flow runs as KILLED", len(closed))
@@ -257,13 +314,79 @@ class Lineage:
             self.client.log_artifact(run_id, str(Path(tmp) / "config.json"))
 
     # ------------------------------------------------------------------------------------------- stages
+    def begin(self, name: str, started: float) -> AttemptListener | None:
+        """Open stage ``name``'s nested run (``RUNNING`` from ``started``, epoch seconds) before it runs, so that an
+        attempt that dies still has a run; returns the listener that logs the attempt's progress to it."""
+        if self.client is None or self.parent is None:
+            return None
+        try:
+            self.open[name] = Attempt(self._stage_run(name, started), started)
+        except Exception as e:  # noqa: BLE001
+            self._disable(e)
+            return None
+        return functools.partial(self._progress, name)
+
+    def retrying(self, name: str, error: str) -> None:
+        """A failed attempt of stage ``name`` that Prefect retries: its run ends ``FAILED`` (:meth:`stage_failed`)
+        and the next attempt gets a run of its own, from now."""
+        if self.client is None or (attempt := self.open.get(name)) is None:
+            return
+        now = time.time()
+        self.stage_failed(name, error, wall_s=now - attempt.started, started=attempt.started)
+        try:
+            self.open[name] = Attempt(self._stage_run(name, now), now)
+        except Exception as e:  # noqa: BLE001
+            self._disable(e)
+
+    def _stage_run(self, name: str, started: float) -> str:
+        assert self.client is not None and self.parent is not None
+        tags = {"mlflow.parentRunId": self.parent, f"{TAG}.stage": name, f"{TAG}.attempt": self.attempt}
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags,
+                                      start_time=int(started * 1000)).info.run_id
+
+    def _progress(self, name: str, record: dict[str, float]) -> None:
+        """A step of stage ``name``'s running attempt (from :class:`tasks.progress.TrainProgress`, its side
+        thread)."""
+        from mlflow.entities import Metric
+
+        if self.client is None or (attempt := self.open.get(name)) is None:
+            return
+        attempt.tokens = float(record.get("tokens", attempt.tokens))
+        now, step = int(time.time() * 1000), int(record.get("step", 0))
+        try:
+            self.client.log_batch(attempt.run_id, metrics=[Metric(f"progress/{k}", float(v), now, step)
+                                                           for k, v in record.items()])
+        except Exception as e:  # noqa: BLE001
+            self._disable(e)
+
     def stage(self, name: str, ref: ArtifactRef, manifest: Manifest, *, cached: bool, wall_s: float,
               started: float | None = None) -> None:
-        """A nested run for stage ``name`` spanning ``started`` (epoch seconds) to ``started + wall_s``."""
+        """Close stage ``name``'s nested run ``FINISHED``, spanning ``started`` (epoch seconds) to
+        ``started + wall_s`` (a run :meth:`begin` did not open is created here)."""
         if self.client is None:
             return
         try:
             self._stage(name, ref, manifest, cached, wall_s, started if started is not None else time.time() - wall_s)
+        except Exception as e:  # noqa: BLE001
+            self._disable(e)
+
+    def stage_failed(self, name: str, error: str, *, wall_s: float, started: float | None = None) -> None:
+        """Close stage ``name``'s nested run ``FAILED``: ``error`` (one line) as its ``error`` tag, its wall time and
+        the tokens it trained before it failed as metrics (a stage refused before it started gets a run too)."""
+        if self.client is None or self.parent is None:
+            return
+        try:
+            from mlflow.entities import Metric, RunStatus, RunTag
+
+            start = started if started is not None else time.time() - wall_s
+            if (attempt := self.open.pop(name, None)) is None:
+                attempt = Attempt(self._stage_run(name, start), start)
+            wall = attempt_wall(attempt, start, wall_s)
+            now = int(time.time() * 1000)
+            self.client.log_batch(attempt.run_id, tags=[RunTag("error", one_line(error))], metrics=[
+                Metric("stage_wall_s", wall, now, 0), Metric("tokens", attempt.tokens, now, 0)])
+            self.client.set_terminated(attempt.run_id, RunStatus.to_string(RunStatus.FAILED),
+                                       end_time=int((attempt.started + wall) * 1000))
         except Exception as e:  # noqa: BLE001
             self._disable(e)
 
@@ -277,26 +400,31 @@ class Lineage:
 
     def _stage(self, name: str, ref: ArtifactRef, manifest: Manifest, cached: bool, wall_s: float,
                started: float) -> None:
-        from mlflow.entities import Metric, RunStatus
+        from mlflow.entities import Metric, RunStatus, RunTag
 
         client = self.client
         assert client is not None and self.parent is not None
-        tags = {"mlflow.parentRunId": self.parent, f"{TAG}.stage": name, f"{TAG}.artifact_uri": ref.uri,
-                f"{TAG}.manifest_sha256": ref.sha256, f"{TAG}.cached": str(cached).lower(),
-                f"{TAG}.code": manifest.code, f"{TAG}.prefect_task_run_id": str(manifest.producer.get("task_run_id"))}
+        tags = {f"{TAG}.artifact_uri": ref.uri, f"{TAG}.manifest_sha256": ref.sha256,
+                f"{TAG}.cached": str(cached).lower(), f"{TAG}.code": manifest.code,
+                f"{TAG}.prefect_task_run_id": str(manifest.producer.get("task_run_id"))}
         for up_name, up in manifest.upstream.items():
             tags[f"{TAG}.upstream.{up_name}"] = up.uri
             if (up_run := self.stage_runs.get(up.sha256) or self._producer_run(up)) is not None:
                 tags[f"{TAG}.upstream_run.{up_name}"] = up_run
         if cached and (producer := self._producer_run(ref)) is not None:
             tags[f"{TAG}.produced_by_run_id"] = producer
-        start_ms = int(started * 1000)
-        run_id = client.create_run(self.experiment_id, run_name=name, tags=tags, start_time=start_ms).info.run_id
+        attempt = self.open.pop(name, None)
+        if attempt is None:
+            attempt = Attempt(self._stage_run(name, started), started)
+        run_id, start_ms = attempt.run_id, int(attempt.started * 1000)
+        wall_s = attempt_wall(attempt, started, wall_s)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.stage_runs[ref.sha256] = tags.get(f"{TAG}.produced_by_run_id", run_id)
         self._config(run_id, manifest.config, key_params(manifest.config))
         now = int(time.time() * 1000)
         final = {**_numeric(manifest.metrics), "stage_wall_s": wall_s,
-                 "tokens": float(manifest.metrics.get("tokens") or 0)}
+                 "tokens": 0.0 if cached else attempt_tokens(manifest.metrics),
+                 "tokens_total": float(manifest.metrics.get("tokens") or 0)}
         metrics = [Metric(k, v, now, 0) for k, v in final.items()]
         history = [] if cached else self._history(ref, manifest)
         for rec in history:
@@ -334,7 +462,7 @@ class Lineage:
             found.append(("corpus", uri if "://" in uri else Path(uri).resolve().as_uri(), manifest.key, "source"))
         elif (world := manifest.upstream.get("world")) is not None:
             splits = self.store.read_manifest(world).metrics.get("splits", {})
-            for split, context in (("train", "training"), ("validation", "validation")):
+            for split, context in splits_read(manifest):
                 if split in splits:
                     found.append((f"world-{split}", f"{world.uri}/data/{split}", str(splits[split]["digest"]), context))
         inputs = []
@@ -348,14 +476,18 @@ class Lineage:
 
     # ------------------------------------------------------------------------------------------- finish
     def finish(
-        self, summary: dict[str, Any], student: ArtifactRef | None, gguf: str | None, failed: bool = False
+        self, summary: dict[str, Any], student: ArtifactRef | None, gguf: str | None, failed: bool = False,
+        error: str | None = None,
     ) -> None:
+        """Close the parent run: ``FINISHED``, or ``FAILED`` with ``error`` (one line) as its ``error`` tag."""
         if self.client is None or self.parent is None:
             return
         try:
             from mlflow.entities import Metric, RunStatus
 
-            if student is not None:
+            if error is not None:
+                self.client.set_tag(self.parent, "error", one_line(error))
+            if student is not None and not self._has_model(student):
                 import mlflow
 
                 mlflow.set_tracking_uri(self.uri)
@@ -377,6 +509,83 @@ class Lineage:
             self.client.set_terminated(self.parent, RunStatus.to_string(status))
         except Exception as e:  # noqa: BLE001
             self._disable(e)
+
+    def _has_model(self, student: ArtifactRef) -> bool:
+        """Whether this experiment already has a logged model of this student (a cache hit logs none)."""
+        assert self.client is not None
+        return bool(self.client.search_logged_models(
+            [self.experiment_id], filter_string=f"tags.`{TAG}.manifest_sha256` = '{student.sha256}'", max_results=1))
+
+
+def splits_read(manifest: Manifest) -> tuple[tuple[str, str], ...]:
+    """(world split, MLflow dataset context) of the splits a stage reads: the evaluated split for ``eval``, train
+    and validation for the others."""
+    if manifest.stage == "eval":
+        return ((str(manifest.config.get("split", "test")), "evaluation"),)
+    return (("train", "training"), ("validation", "validation"))
+
+
+# ------------------------------------------------------------------------------------------- closing runs
+def last_seen(client: MlflowClient, run: Run) -> int:
+    """When ``run`` was last alive (epoch ms): its end, its last progress metric, or for a parent the last sign of
+    life of its nested runs; at least its start."""
+    times = [run.info.start_time or 0, run.info.end_time or 0]
+    times += [m.timestamp for m in client.get_metric_history(run.info.run_id, "progress/step")]
+    if f"{TAG}.prefect_flow_run_id" in run.data.tags:
+        children = client.search_runs([run.info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        times += [last_seen(client, c) for c in children]
+    return max(times)
+
+
+def close_run(client: MlflowClient, run: Run, status: str, end_ms: int, error: str) -> None:
+    """End ``run`` as ``status`` at ``end_ms`` with an ``error`` tag; a stage's run also gets its wall time and the
+    tokens its attempt trained (its last ``progress/tokens``)."""
+    from mlflow.entities import Metric, RunTag
+
+    end_ms = max(end_ms, run.info.start_time or 0)
+    metrics = []
+    if f"{TAG}.stage" in run.data.tags:
+        wall = (end_ms - (run.info.start_time or end_ms)) / 1000
+        metrics = [Metric("stage_wall_s", wall, end_ms, 0),
+                   Metric("tokens", float(run.data.metrics.get("progress/tokens", 0.0)), end_ms, 0)]
+    client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag("error", one_line(error))])
+    client.set_terminated(run.info.run_id, status, end_time=end_ms)
+
+
+def close_flow_run(cfg: TrackingConfig, store: ArtifactStore, preset: str, flow_run_id: str, *, end_s: float,
+                   error: str, status: str = "KILLED") -> list[str]:
+    """Close the ``RUNNING`` MLflow runs of flow run ``flow_run_id`` (its parent and nested runs) as ``status`` at
+    ``end_s`` (epoch seconds): the flow's on-cancellation / on-crashed hook. Returns the closed run ids; a
+    tracking error is a :class:`TrackingError` of one line, credentials redacted."""
+    if not cfg.enabled:
+        return []
+    uri = cfg.uri or default_tracking_uri(store, preset, create=False)[0]
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return []  # no run of this flow run was ever opened there
+    if check_reachable(uri, cfg.connect_timeout_s) is not None:
+        return []
+    try:
+        return _close_flow_run(uri, cfg.experiment, flow_run_id, int(end_s * 1000), error, status)
+    except Exception as e:  # noqa: BLE001 — MLflow quotes request URLs: no credentials in the message
+        raise TrackingError(redact_text(one_line(str(e), 300), uri)) from None
+
+
+def _close_flow_run(uri: str, experiment: str, flow_run_id: str, end_ms: int, error: str, status: str) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    running = "attributes.status = 'RUNNING'"
+    parents = client.search_runs([exp.experiment_id],
+                                 filter_string=f"{running} and tags.`{TAG}.prefect_flow_run_id` = '{flow_run_id}'")
+    runs = [r for p in parents for r in client.search_runs(
+        [exp.experiment_id], filter_string=f"{running} and tags.`mlflow.parentRunId` = '{p.info.run_id}'")]
+    for run in [*runs, *parents]:
+        close_run(client, run, status, end_ms, error)
+    return [r.info.run_id for r in [*runs, *parents]]
 
 
 def _safe(fn: Callable[[str], bool], arg: str) -> bool:

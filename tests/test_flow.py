@@ -521,6 +521,9 @@ def test_mlflow_lineage(prefect_home, corpus, code_snapshot, mlflow_server, tmp_
     assert final.data.metrics["eval/naive_top1_agreement"] == pytest.approx(summary.evaluation["naive_top1_agreement"])
     inputs = {d.dataset.name: d.dataset.digest for d in teacher.inputs.dataset_inputs}
     assert set(inputs) == {"world-train", "world-validation"} and all(inputs.values())
+    # eval's lineage names the split it evaluated (cfg.eval.split, "test"), nothing it did not read
+    evaluated = [(d.dataset.name, d.tags[0].value) for d in stages["eval"].inputs.dataset_inputs]
+    assert evaluated == [(f"world-{cfg.eval.split}", "evaluation")] and cfg.eval.split == "test"
     assert stages["kd"].data.tags["bitdistill.upstream_run.student"] == stages["cpt"].info.run_id
     models = client.search_logged_models(experiment_ids=[exp.experiment_id])
     assert len(models) == 1 and models[0].tags["bitdistill.artifact_uri"] == summary.student
@@ -532,3 +535,8 @@ def test_mlflow_lineage(prefect_home, corpus, code_snapshot, mlflow_server, tmp_
     cached = {r.data.tags["bitdistill.stage"]: r for r in runs(f"tags.`mlflow.parentRunId` = '{parent2}'")}
     assert set(cached) == set(STAGES) and all(r.data.tags["bitdistill.cached"] == "true" for r in cached.values())
     assert cached["teacher"].data.tags["bitdistill.produced_by_run_id"] == teacher.info.run_id
+    # a cache hit trained nothing (tokens 0; the artifact's own training is tokens_total) and logs no new model
+    assert cached["teacher"].data.metrics["tokens"] == 0
+    assert cached["teacher"].data.metrics["tokens_total"] == manifest["metrics"]["tokens"]
+    assert all(r.info.status == "FINISHED" for r in cached.values())
+    assert len(client.search_logged_models(experiment_ids=[exp.experiment_id])) == 1
