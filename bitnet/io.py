@@ -136,6 +136,30 @@ def safetensors_header(path: str | Path) -> tuple[int, dict[str, Any]]:
     return 8 + n, header
 
 
+def sort_safetensors_metadata(path: str | Path) -> None:
+    """Rewrite, in place, the ``__metadata__`` of a safetensors file with its keys sorted.
+
+    safetensors (Rust) serialises the metadata from a ``HashMap`` whose iteration order is seeded per map: with two
+    or more keys (``format`` and ``bitdistill``, tied names from ``save_model``) the same tensors and metadata give
+    different bytes on every call. Sorting makes the file a function of its contents; the header keeps its length
+    (same keys and values, same compact JSON), so the tensor data is not moved."""
+    path = Path(path)
+    start, _ = safetensors_header(path)  # checks the file is whole
+    with open(path, "r+b") as f:
+        f.seek(8)
+        raw = f.read(start - 8)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        if not meta or len(meta) < 2:
+            return
+        canonical = {"__metadata__": dict(sorted(meta.items())), **header}
+        new = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > len(raw):
+            raise ContentError(f"{path}: cannot sort its safetensors metadata in place")
+        f.seek(8)
+        f.write(new.ljust(len(raw), b" "))  # safetensors pads its header with spaces
+
+
 def _safetensors_digest(path: Path) -> str:
     """Tensors sorted by name: name, dtype, shape and the sha256 of the bytes (not the header order or metadata)."""
     h = hashlib.sha256(b"safetensors\0")

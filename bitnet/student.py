@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from bitnet.convert import BitNetConfig, convert_to_bitnet
-from bitnet.io import atomic_dir, write_json_atomic
+from bitnet.io import atomic_dir, sort_safetensors_metadata, write_json_atomic
 
 BITNET_CONFIG = "bitnet.json"
 WEIGHTS = "model.safetensors"
@@ -54,6 +54,7 @@ def save_student(
             save_model(model, str(tmp / WEIGHTS), metadata=meta)
         else:
             save_file(_untied(model, state_dict), str(tmp / WEIGHTS), metadata=meta)
+        sort_safetensors_metadata(tmp / WEIGHTS)  # the same model, the same bytes
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return path

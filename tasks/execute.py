@@ -66,20 +66,26 @@ def execute(
 ) -> ArtifactRef | None:
     """Produce ``req``'s artifact and return its ref (``None`` on a non-committing rank).
 
-    ``check_existing``: return a valid existing manifest without computing. ``commit`` is false on torchrun ranks
-    other than 0. ``fetch_lock`` serialises upstream downloads of processes sharing a cache directory;
-    ``before_compute`` wraps the computation (the worker restores and uploads trainer checkpoints with it).
+    ``check_existing``: first look for a valid manifest without taking the lock (off when the caller has just
+    looked, as the flow's stage task does). Whatever it says, a committing run looks again once it holds the lock
+    and reuses what another run finished while it waited: recomputing would remove that run's manifest (which it
+    has already handed to its next stage) and rewrite it. ``commit`` is false on torchrun ranks other than 0.
+    ``fetch_lock`` serialises upstream downloads of processes sharing a cache directory; ``before_compute`` wraps
+    the computation (the worker restores and uploads trainer checkpoints with it).
     """
     cfg = req.stage_config()
     store = ArtifactStore.from_config(req.store)
     if check_existing and (ref := store.lookup(req.stage, req.key)) is not None:
         logger.info("%s: %s holds a valid manifest; nothing to do", req.stage, ref.uri)
         return ref
-    with _stage_lock(store, req, logger) if commit else contextlib.nullcontext():
-        if check_existing and (ref := store.lookup(req.stage, req.key)) is not None:  # another run finished it
+    if not commit:
+        return _compute(req, cfg, store, progress=progress, logger=logger, commit=False, fetch_lock=fetch_lock,
+                        before_compute=before_compute)
+    with _stage_lock(store, req, logger):
+        if (ref := store.lookup(req.stage, req.key)) is not None:  # finished by another run while this one waited
             logger.info("%s: %s was finished by another run; reusing it", req.stage, ref.uri)
             return ref
-        return _compute(req, cfg, store, progress=progress, logger=logger, commit=commit, fetch_lock=fetch_lock,
+        return _compute(req, cfg, store, progress=progress, logger=logger, commit=True, fetch_lock=fetch_lock,
                         before_compute=before_compute)
 
 

@@ -347,6 +347,49 @@ def test_concurrent_run_of_the_same_stage_key_waits_then_reuses(tmp_path: Path, 
     assert ref is not None and ref.key == req.key and time.perf_counter() - t0 > 1.0
 
 
+def _in_store(store, stage: str, src: Path):
+    """``src`` copied into ``store`` as a finished ``{stage}/up`` artifact."""
+    work = store.work_dir(stage, "up")
+    shutil.copytree(src, work, dirs_exist_ok=True)
+    return store.commit(stage, "up", work)
+
+
+def test_two_processes_on_one_root_compute_once_and_share_the_manifest(play, tmp_path: Path) -> None:
+    """Two runs of the flow's stage path (store lookup, then ``run_request`` on the local backend) in two processes
+    on one root; the second starts while the first holds the lock and computes. It waits, then reuses the first's
+    artifact: one computation, one manifest, never rewritten (before: the flow's task passed check_existing=False,
+    so the waiting run recomputed, removing the manifest the first run had handed to its next stage, which failed
+    with 'no manifest.json (unfinished or deleted)')."""
+    from bitnet.stages.cpt import CPTConfig
+    from tasks.artifacts import ArtifactRef, ArtifactStore, StoreConfig
+    from tasks.execute import StageRequest
+
+    store_cfg = StoreConfig(root=str(tmp_path / "root"))
+    store = ArtifactStore.from_config(store_cfg)
+    upstream = {"student": _in_store(store, "convert", play["student"]),
+                "teacher": _in_store(store, "teacher", play["teacher"].parent),
+                "world": _in_store(store, "world", play["world"])}
+    cfg = CPTConfig.model_validate({"train": {"max_steps": 12, "warmup_steps": 1, "progress": False},
+                                    "data": {"batch_size": 4, "eval_max_batches": 1}})
+    procs = {}
+    for run, after in (("first", None), ("second", store.work_dir("cpt", "k" * 20) / "stage.json")):
+        req = StageRequest(stage="cpt", key="k" * 20, config=cfg.model_dump(mode="json"), upstream=upstream,
+                           store=store_cfg, producer={"run": run})
+        (tmp_path / f"{run}.json").write_text(req.model_dump_json())
+        cmd = [sys.executable, "-m", "tests.scripts.stage_request", str(tmp_path / f"{run}.json")]
+        procs[run] = subprocess.Popen([*cmd, *(["--after", str(after)] if after else [])],
+                                      cwd=Path(__file__).resolve().parents[1], text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = {run: p.communicate(timeout=300)[0] for run, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), out
+    refs = {run: ArtifactRef.model_validate_json(text.strip().splitlines()[-1]) for run, text in out.items()}
+    assert refs["first"] == refs["second"]
+    assert "computing into" in out["first"] and "computing into" not in out["second"], out["second"]
+    assert "waiting" in out["second"] and "finished by another run; reusing it" in out["second"], out["second"]
+    manifest = store.verify(refs["first"])  # the manifest the first run handed on: still there, never rewritten
+    assert manifest.producer["run"] == "first"
+
+
 def test_secret_looking_storage_options_are_refused() -> None:
     from pydantic import ValidationError
 

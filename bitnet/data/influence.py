@@ -588,7 +588,8 @@ def write_subset(
 
     Same ``tokens.npy`` + ``meta.json`` format as :func:`~bitnet.data.packing.build_packed_dataset` (same
     seq_len, dtype, vocabulary, EOS and tokenizer digest; ``n_docs`` counts the EOS tokens kept), plus
-    ``indices.npy`` (the source block of each block) and ``meta["subset"]`` (source digest, ``info``).
+    ``indices.npy`` (the source block of each block) and ``meta["subset"]`` (source digest, ``info``; no path: the
+    files depend on the source's contents only, wherever it lives).
     Atomic; an existing output with the same key (source digest + indices + info) is reused.
     """
     out_dir = Path(out_dir)
@@ -636,7 +637,6 @@ def write_subset(
             "digest": sha256_json({"tokens_sha256": tokens_sha, "seq_len": seq_len}),
             "subset": {
                 "source_digest": dataset.digest,
-                "source_path": str(dataset.path),
                 "source_blocks": n,
                 "indices_sha256": sha256_file(tmp / INDICES_FILE),
                 "info": info,

@@ -38,7 +38,7 @@ from torch import nn
 
 from bitnet.export.errors import UnsupportedExportError
 from bitnet.families import FAMILIES
-from bitnet.io import atomic_dir
+from bitnet.io import atomic_dir, sort_safetensors_metadata
 from bitnet.layers import BitLinear, BitLinearLRC
 
 if TYPE_CHECKING:
@@ -161,6 +161,7 @@ def save_hf_bitnet(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedT
     out = Path(out_dir)
     with atomic_dir(out, marker=MARKER) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "bitdistill": "hf-bitnet"})
+        sort_safetensors_metadata(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -24,7 +24,7 @@ from torch import nn
 from bitnet.convert import BitNetConfig
 from bitnet.export.errors import UnsupportedExportError
 from bitnet.families import FAMILIES
-from bitnet.io import atomic_dir
+from bitnet.io import atomic_dir, sort_safetensors_metadata
 from bitnet.layers import BitLinear
 
 if TYPE_CHECKING:
@@ -139,6 +139,7 @@ def save_hf_student(model: nn.Module, out_dir: str | Path, tokenizer: PreTrained
     out = Path(out_dir)
     with atomic_dir(out, marker=MARKER) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "bitdistill": "hf-student"})
+        sort_safetensors_metadata(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         (tmp / MARKER).write_text(MODELING.replace("{base}", base))
         if tokenizer is not None:

@@ -6,6 +6,7 @@ today) through llama.cpp on the same rows when the teacher came from one; lm-eva
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,11 @@ from bitnet.stages.base import Inputs, Stage, model_dir, teacher_source
 from bitnet.student import load_student
 from bitnet.teacher import load_teacher
 from bitnet.world import check_tokenizer_matches, open_world
+
+HARNESS_SCRATCH = ".lm-eval-data"
+"""The harness's local task files, rebuilt from the world on every run and removed after it: their YAMLs name the
+data files by absolute path, which would leave the temporary build directory's name in the artifact (and point
+nowhere once it is renamed)."""
 
 
 class EvalConfig(BaseModel):
@@ -61,8 +67,14 @@ def run(cfg: EvalConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
         metrics.update({f"{name}_ppl": m["ppl"], f"{name}_top1_agreement": m["top1_agreement"], f"{name}_kl": m["kl"]})
     if cfg.harness is not None and "student" in inputs:
         student_dir = model_dir(inputs["student"])
-        res = evaluate_model(load_student(student_dir), load_tokenizer(student_dir), data,
-                             out / "lm-eval-data", cfg.harness, name="student")
+        scratch = out / HARNESS_SCRATCH
+        try:
+            res = evaluate_model(load_student(student_dir), load_tokenizer(student_dir), data, scratch, cfg.harness,
+                                 name="student")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        metrics["harness_seconds"] = res.info.pop("seconds", None)  # a run record, not a result
+        res.info.get("eval_data", {}).pop("dir", None)  # the scratch directory, gone
         write_results(res, out / "lm-eval.json")
         metrics.update({f"student_{task}_{k}": v for task, m in res.tasks.items() for k, v in m.items()})
     metrics["val_ppl"] = metrics.get("student_ppl")  # the summary table's perplexity column

@@ -11,10 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from bitnet.data.influence import InfluenceConfig, select_influential, write_subset
 from bitnet.io import write_json_atomic
 from bitnet.stages.base import Inputs, Stage, model_dir
+from bitnet.stages.outputs import input_identity
 from bitnet.stages.training import default_device
 from bitnet.student import load_student
 from bitnet.teacher import load_teacher
 from bitnet.world import open_world
+
+TIMINGS = ("seconds", "seconds_targets", "seconds_candidates", "examples_per_s")
+"""Statistics of the run rather than of the selection: kept out of ``selection.json`` (part of the content)."""
 
 
 class SelectConfig(BaseModel):
@@ -30,7 +34,8 @@ class SelectConfig(BaseModel):
 
 def run(cfg: SelectConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
     """Score with ``inputs["model"]`` (a student or an HF model); write the kept blocks as a packed dataset at
-    ``out`` and the selection statistics in it (``OUT/selection.json``; a stage writes nothing outside ``out``)."""
+    ``out`` and the selection statistics in it (``OUT/selection.json``, without :data:`TIMINGS`; a stage writes
+    nothing outside ``out``)."""
     path = model_dir(inputs["model"])
     model = (load_student(path) if (path / "bitnet.json").is_file() else load_teacher(path)).to(default_device())
     world = open_world(inputs["world"])
@@ -38,11 +43,14 @@ def run(cfg: SelectConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
     cand = range(min(len(candidates), cfg.max_candidates or len(candidates)))
     targ = range(min(len(targets), cfg.max_targets or len(targets)))
     result = select_influential(model, candidates, targets, cfg.influence, candidate_indices=cand, target_indices=targ)
-    info = {"target_split": cfg.target_split, "model": str(path), **cfg.influence.model_dump(mode="json")}
+    # the model by its content identity, not its path: the files a stage writes are a function of its inputs'
+    # contents, wherever they live (another root, a remote root's local cache)
+    info = {"target_split": cfg.target_split, "model": input_identity(inputs["model"]),
+            **cfg.influence.model_dump(mode="json")}
     write_subset(candidates, result.indices, out, info=info)
     stats = {k: v for k, v in result.stats.items() if k != "params"}
-    write_json_atomic(out / "selection.json", stats)
-    return stats
+    write_json_atomic(out / "selection.json", {k: v for k, v in stats.items() if k not in TIMINGS})
+    return stats  # metrics.json, a run record, keeps the timings
 
 
 STAGE = Stage("select", SelectConfig, run, inputs=("model", "world"),
