@@ -114,9 +114,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from bitnet.export import export_gguf
     from bitnet.export.plan import plan_export
-    from bitnet.student import load_student, student_dir
+    from bitnet.io import model_dir
+    from bitnet.student import load_student
 
-    student = student_dir(args.student)  # a stage output or its model/
+    student = model_dir(args.student)  # a stage output or its model/
     if not student.is_dir():
         raise CLIError(f"student directory {student} does not exist")
     options = {"weight_type": args.type, "embedding_type": args.embedding_type, "delta": args.delta,
@@ -197,7 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitnet.config import load_config
     from bitnet.data.tokenizer import load_tokenizer
     from bitnet.evaluate import HarnessConfig, evaluate_model, load_model_for_eval, write_results
-    from bitnet.student import student_dir
+    from bitnet.io import model_dir as stage_model_dir
     from bitnet.world import open_world
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks is not None else None
@@ -217,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_replaceable_file(Path(args.out), "--out", is_results_json, "an eval results JSON")
     world = open_world(args.world)
     model = load_model_for_eval(args.model)
-    model_dir = student_dir(args.model)  # a stage output's model/ (the README: --model takes either)
+    model_dir = stage_model_dir(args.model)  # a stage output's model/ (the README: --model takes either)
     own_tokenizer = (model_dir / "tokenizer_config.json").is_file()
     tok_source = args.tokenizer or (str(model_dir) if own_tokenizer else str(world.tokenizer_dir))
     tokenizer = load_tokenizer(tok_source)

@@ -152,10 +152,11 @@ def _fmt(v: float) -> str:
 def load_model_for_eval(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A student directory (it has ``bitnet.json``) or a stage output holding one in ``model/`` as a BitNet student,
     anything else as a plain HF causal LM."""
-    from bitnet.student import BITNET_CONFIG, load_student, student_dir
+    from bitnet.io import model_dir
+    from bitnet.student import BITNET_CONFIG, load_student
     from bitnet.teacher import load_teacher
 
-    local = student_dir(path)
+    local = model_dir(path)
     if (local / BITNET_CONFIG).is_file():
         return load_student(local, dtype=dtype)
     return load_teacher(path, dtype=dtype)

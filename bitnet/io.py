@@ -249,3 +249,10 @@ def file_lock(path: str | Path, *, what: str, wait_s: float = 0.0) -> Iterator[N
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def model_dir(path: str | Path) -> Path:
+    """The model directory of a stage output: ``path/model`` when it holds one, else ``path`` itself (what every
+    command and loader that takes "a model directory" accepts, README)."""
+    p = Path(path)
+    return p / "model" if (p / "model" / "config.json").is_file() else p

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from bitnet.convert import BitNetConfig, convert_to_bitnet
-from bitnet.io import atomic_dir, sort_safetensors_metadata, write_json_atomic
+from bitnet.io import atomic_dir, model_dir, sort_safetensors_metadata, write_json_atomic
 
 BITNET_CONFIG = "bitnet.json"
 WEIGHTS = "model.safetensors"
@@ -116,18 +116,10 @@ def _is_tied_alias(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -
     return any(k in state and own[k].data_ptr() == ptr for k in own if k != key)
 
 
-def student_dir(path: str | Path) -> Path:
-    """The student directory of ``path``: ``path`` itself, or the ``model/`` of a stage output that holds one."""
-    path = Path(path)
-    if not (path / BITNET_CONFIG).is_file() and (path / "model" / BITNET_CONFIG).is_file():
-        return path / "model"
-    return path
-
-
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild the module tree described by ``path`` (a student directory, or a stage output holding one in
     ``model/``) and load its weights (identical logits)."""
-    path = student_dir(path)
+    path = model_dir(path)
     if not path.is_dir():
         raise CheckpointError(f"student checkpoint {path} does not exist")
     bcfg = read_bitnet_config(path)

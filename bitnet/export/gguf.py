@@ -130,11 +130,12 @@ def _resolve(
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     from transformers import AutoTokenizer
 
-    from bitnet.student import load_student, student_dir
+    from bitnet.io import model_dir
+    from bitnet.student import load_student
 
     src = None
     if not isinstance(model, nn.Module):
-        src = student_dir(model)  # a stage output's model/ holds the student and its tokenizer
+        src = model_dir(model)  # a stage output's model/ holds the student and its tokenizer
         model = load_student(src)
     if tokenizer is None:
         if src is None:

@@ -19,6 +19,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
+from bitnet.io import model_dir  # noqa: F401  (re-exported: the stages import it from here)
+
 C = TypeVar("C", bound=BaseModel)
 Inputs = Mapping[str, Path]
 RunFn = Callable[[C, Inputs, Path], dict[str, Any]]
@@ -50,12 +52,6 @@ class Stage(Generic[C]):
         if missing or unknown:
             detail = (f"; missing {missing}" if missing else "") + (f"; unknown {unknown}" if unknown else "")
             raise ValueError(f"stage {self.name} needs inputs {list(self.inputs)}{detail}")
-
-
-def model_dir(path: str | Path) -> Path:
-    """The model directory of a stage output: ``path/model`` when it holds one, else ``path`` itself."""
-    p = Path(path)
-    return p / "model" if (p / "model" / "config.json").is_file() else p
 
 
 def teacher_source(path: str | Path) -> str:
