@@ -33,6 +33,8 @@ $(STAMP): pyproject.toml requirements.lock
 corpus:
 	@test -d $(CORPUS_DIR) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q python3.11-doc; }
 
+# artifacts go to the data directory, not the checkout: $BITDISTILL_HOME/runs/tiny/artifacts (default
+# ~/.local/share/bitdistill/runs/tiny/artifacts); `make clean` leaves them
 demo: venv corpus
 	$(BIN)/bitdistill run --preset tiny
 

@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from bitnet.convert import BitNetConfig
 from bitnet.data import iter_eval_batches
+from bitnet.data.baseline import unigram_perplexity
 from bitnet.evaluate import compare_to_teacher, gguf_perplexity
 from bitnet.pretrained import SOURCE_FILE
 from bitnet.stages.convert import ConvertConfig
@@ -48,7 +48,7 @@ from bitnet.stages.cpt import CPTConfig
 from bitnet.stages.kd import KDConfig
 from bitnet.stages.layerwise import LayerwiseConfig
 from bitnet.stages.lrc import LRCConfig
-from bitnet.stages.registry import run_stage
+from bitnet.stages.registry import run_stage, stage
 from bitnet.stages.training import StageData
 from bitnet.student import load_student
 from bitnet.teacher import load_teacher
@@ -62,6 +62,18 @@ class Row:
     subln: str  # SubLN placement of the converted student
     stages: list[tuple[str, Any]] = field(default_factory=list)  # (directory name, stage config)
     base: str | None = None  # a row whose final student this one continues from
+    convert: dict[str, Any] | None = None  # the convert stage's config (default: BitNet's per-tensor absmean, subln)
+
+    def convert_config(self) -> ConvertConfig:
+        return ConvertConfig.model_validate(self.convert or {"bitnet": {"subln": self.subln}})
+
+    def student_name(self) -> str:
+        """The converted student's directory: ``student-<subln>`` for the BitNet default (as before), else keyed by
+        the convert config."""
+        if self.convert is None:
+            return f"student-{self.subln}"
+        key = json.dumps(self.convert_config().model_dump(mode="json"), sort_keys=True)
+        return f"student-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def _train(steps: int, lr: float, seed: int) -> TrainConfig:
@@ -117,6 +129,42 @@ def build_rows(total: int, batch_size: int, lr: float, lrc_rank: int, seed: int,
             full("bitdistill", kd_weights)),
         Row("BitNet-SFT with the KD objective instead of CE (no SubLN, KD BitDistill for every step)", "none",
             [("kd", kd("bitdistill", kd_weights, total))]),
+    ]
+
+
+def lever_rows(total: int, batch_size: int, lr: float, seed: int,
+               kd_weights: dict[str, float] | None = None) -> list[Row]:
+    """The rows of issue #21: what a ternary start keeps of the teacher (0 tokens), then what ``total`` steps of QAT
+    buy from each start — one lever per row (SubLN none: a fresh SubLN changes the teacher's function, so it would
+    undo a calibrated start)."""
+    data = StageData(batch_size=batch_size, eval_batch_size=16, eval_max_batches=4)
+
+    def bitnet(rule: str, scale: str = "group") -> dict[str, Any]:
+        return {"subln": "none", "weight_scale": scale, "scale_rule": rule}
+
+    def calibrated(rule: str, scale: str = "group") -> dict[str, Any]:
+        return {"bitnet": bitnet(rule, scale), "calibration": {"enabled": True, "blocks": 16}}
+
+    def ce(steps: int = total, rate: float = lr) -> list[tuple[str, Any]]:
+        return [("cpt", CPTConfig(lambda_warmup_steps=0, train=_train(steps, rate, seed), data=data))]
+
+    def kd(steps: int = total, rate: float = lr) -> list[tuple[str, Any]]:
+        weights = kd_weights or PAPER_KD
+        return [("kd", KDConfig(objective="bitdistill", **weights, train=_train(steps, rate, seed), data=data))]
+
+    return [
+        Row("PTQ, per-tensor absmean (BitNet)", "none"),
+        Row("PTQ, per-group absmean", "none", convert={"bitnet": bitnet("absmean")}),
+        Row("PTQ, per-group MSE-optimal scales", "none", convert={"bitnet": bitnet("mse")}),
+        Row("calibrated start, per-tensor MSE scale (GPTQ)", "none", convert=calibrated("mse", "tensor")),
+        Row("calibrated start (GPTQ, per-group MSE scales)", "none", convert=calibrated("mse")),
+        Row("calibrated start, learned scales (= the row above at step 0)", "none", convert=calibrated("learned")),
+        Row("calibrated + CE, fixed (recomputed MSE) scales", "none", ce(), convert=calibrated("mse")),
+        Row("calibrated + CE, learned scales (LSQ)", "none", ce(), convert=calibrated("learned")),
+        Row(f"calibrated + CE, learned scales, lr {lr / 4:g}", "none", ce(rate=lr / 4), convert=calibrated("learned")),
+        Row(f"calibrated + CE, learned scales, lr {lr * 4:g}", "none", ce(rate=lr * 4), convert=calibrated("learned")),
+        Row("calibrated + KD, learned scales", "none", kd(), convert=calibrated("learned")),
+        Row("absmean start + KD (the previous best row)", "none", kd()),
     ]
 
 
@@ -205,8 +253,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     results.append({"row": "teacher (full precision)", "tokens": 0, "train_s": 0.0, "bpw": 16.0, **evaluate(teacher)})
     print(_line(results[-1]), flush=True)
+    train = world.dataset("train")
+    test_rows = torch.cat([b["input_ids"] for b in iter_eval_batches(test, 16, args.eval_batches)]).numpy()
+    unigram = unigram_perplexity(train.get_batch(range(train.num_blocks)).numpy().reshape(-1), test_rows,
+                                 int(teacher.config.vocab_size))
+    results.append({"row": "unigram (add-one, fit on the train split)", "tokens": 0, "ppl": unigram,
+                    "top1_agreement": float("nan"), "kl": float("nan"), "train_s": 0.0, "stages": "—",
+                    "bpw": float("nan")})
+    print(_line(results[-1]), flush=True)
     source = teacher_dir / SOURCE_FILE
-    if source.is_file() and Path(gguf := json.loads(source.read_text())["gguf"]).is_file():
+    if args.suite == "stages" and source.is_file() and Path(gguf := json.loads(source.read_text())["gguf"]).is_file():
         rows = torch.cat([b["input_ids"] for b in iter_eval_batches(test, 16, args.eval_batches)])
         ppl = gguf_perplexity(gguf, rows)
         results.append({"row": f"teacher's own GGUF ({Path(gguf).name}, llama.cpp)", "tokens": 0, "ppl": ppl,
@@ -215,16 +271,23 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(_line(results[-1]), flush=True)
 
     finals: dict[str, Path] = {}
-    for row in build_rows(args.steps, args.batch_size, args.lr, args.lrc_rank, args.seed,
-                          args.kd_weights):
+    rows = (lever_rows(args.steps, args.batch_size, args.lr, args.seed, args.kd_weights) if args.suite == "levers"
+            else build_rows(args.steps, args.batch_size, args.lr, args.lrc_rank, args.seed, args.kd_weights))
+    for row in rows:
+        if args.rows and not any(r.lower() in row.name.lower() for r in args.rows):
+            continue
         if row.base is not None:
             base = results_by_row(results)[row.base]
             student_dir, tokens, train_s = finals[row.base], base["tokens"], base["train_s"]
         else:
-            student_dir, tokens, train_s = root / f"student-{row.subln}" / "model", 0, 0.0
+            student_dir, tokens, train_s = root / row.student_name() / "model", 0, 0.0
             if not (student_dir / "bitnet.json").is_file():
-                run_stage("convert", ConvertConfig(bitnet=BitNetConfig(subln=row.subln)), {"teacher": teacher_dir},
+                inputs = {"teacher": teacher_dir, "world": world.root}
+                takes = (*stage("convert").inputs, *stage("convert").optional_inputs)
+                run_stage("convert", row.convert_config(), {k: v for k, v in inputs.items() if k in takes},
                           student_dir.parent)
+            convert_metrics = json.loads((student_dir.parent / "metrics.json").read_text())
+            train_s = float(convert_metrics.get("calibration_seconds", 0.0))  # a calibrated start's cost
         for stage_name, cfg in row.stages:
             stage_out = _stage_dir(root, student_dir, stage_name, cfg)
             m = run_stage(stage_name, cfg, {"student": student_dir, "teacher": teacher_dir, "world": world.root},
@@ -282,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batches", type=int, default=None, help="cap on 16-block test batches (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete WORKDIR/ablation first")
+    p.add_argument("--suite", choices=("stages", "levers"), default="stages",
+                   help="stages: the BitDistill stage ablation; levers: the ternary start and QAT levers (issue #21)")
+    p.add_argument("--rows", nargs="*", help="only the rows whose name contains one of these strings")
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--markdown", help="write the table as markdown here")
     p.set_defaults(kd_weights=None)  # stage-3 τ, β, γ: the paper's, or the preset's (prepare_preset)

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bitnet.config import ConfigError
 from bitnet.families import graph_names
@@ -224,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(tok_source)
     eval_dir = Path(args.eval_dir) if args.eval_dir else Path(args.world).resolve().parent / "eval"
     results = evaluate_model(model, tokenizer, world.dataset(cfg.split), eval_dir / f"data-{cfg.split}", cfg,
-                             name=str(args.model), gguf=args.gguf, lora=args.lora)
+                             name=str(args.model), gguf=args.gguf, lora=args.lora, max_blocks=cfg.max_blocks)
     out = Path(args.out) if args.out else eval_dir / f"results-{Path(args.model).name or 'model'}.json"
     check_replaceable_file(out, "--out", is_results_json, "an eval results JSON")
     write_results(results, out)
@@ -260,8 +260,10 @@ def check_writable_dir(d: Path) -> None:
     """Create ``d`` and a probe file in it: an unwritable output location fails before the work, not after."""
     import tempfile
 
+    from bitnet.io import temp_name
+
     d.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=d, prefix=".bitdistill-probe-"):
+    with tempfile.NamedTemporaryFile(dir=d, prefix=temp_name("bitdistill-probe")):  # a killed one's is swept
         pass
 
 
@@ -295,22 +297,29 @@ def _demo_report(info: dict[str, Any], m: dict[str, Any], t_world: float, workdi
 
 
 # ------------------------------------------------------------------------------------------------ parser
+class Subcommands(Protocol):
+    """What ``ArgumentParser.add_subparsers()`` returns, as far as the command builders use it."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
+
+
+def new_parser() -> tuple[argparse.ArgumentParser, Subcommands]:
+    """The bare ``bitdistill`` parser and its subcommand group, to which :func:`add_commands` (and ``flows.cli``,
+    for ``plan`` and ``run``) add the commands."""
+    parser = argparse.ArgumentParser(
+        prog="bitdistill",
+        description="Distil full-precision causal LMs into 1.58-bit BitNet students.",
+    )
+    return parser, parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
 def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="the stage's config as YAML/JSON (merged over its defaults)")
     p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
                    help="override one config value, e.g. --set train.lr=1e-4 (repeatable; applied last)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``bitdistill`` commands of the library (``flows.cli`` adds ``run``, the Prefect flow)."""
-    from bitnet.stages import STAGES
-
-    parser = argparse.ArgumentParser(
-        prog="bitdistill",
-        description="Distil full-precision causal LMs into 1.58-bit BitNet students.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_world(sub: Subcommands) -> None:
     world = sub.add_parser("world", help="the offline tiny world (corpus, tokenizer, packed data)")
     wsub = world.add_subparsers(dest="world_command", required=True, metavar="ACTION")
     wb = wsub.add_parser("build", help="split the corpus, train the BPE tokenizer, pack token blocks")
@@ -324,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     wb.add_argument("--force", action="store_true", help="rebuild even if an up-to-date world exists")
     wb.set_defaults(func=cmd_world_build)
 
+
+def _add_teacher(sub: Subcommands) -> None:
     teacher = sub.add_parser("teacher", help="the tiny Llama teacher")
     tsub = teacher.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
     tt = tsub.add_parser("train", help="pretrain the tiny teacher on a world (resumes from its checkpoints)")
@@ -336,12 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     tt.set_defaults(func=cmd_teacher_train)
 
+
+def _add_convert(sub: Subcommands) -> None:
     cv = sub.add_parser("convert", help="stage 1: teacher → BitNet student (BitLinear + SubLN)")
     cv.add_argument("--teacher", required=True, help="HF model directory or hub id")
     cv.add_argument("--out", required=True, help="output directory (the student in OUT/model)")
     _config_flags(cv)
     cv.add_argument("--subln", choices=["standard", "all", "none"], help="SubLN placement")
     cv.set_defaults(func=cmd_convert)
+
+
+def _add_stage(sub: Subcommands) -> None:
+    from bitnet.stages import STAGES
 
     st = sub.add_parser("stage", help="run any stage by name: " + ", ".join(STAGES))
     st.add_argument("name", choices=list(STAGES), help="the stage")
@@ -354,21 +371,25 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(st)
     st.set_defaults(func=cmd_stage)
 
+
+def _add_export(sub: Subcommands) -> None:
+    from bitnet.export.quants import DELTA_MODES, EMBEDDING_TYPES, FALLBACKS, WEIGHT_TYPES
+
     ex = sub.add_parser("export", help="write a student as a llama.cpp GGUF (bitnet or its native graph; exact "
                         "ternary types per tensor)")
     ex.add_argument("--student", required=True, help="student directory (from `convert` or a stage's output)")
     ex.add_argument("--out", help="output .gguf file (not needed with --plan)")
     ex.add_argument("--plan", action="store_true", help="print the per-tensor type plan (tensor, shape, type, bits) "
                     "and exit; nothing is written")
-    ex.add_argument("--type", choices=["tq2_0", "tq1_0", "q4_0", "q8_0", "f16"], default="tq2_0",
+    ex.add_argument("--type", choices=WEIGHT_TYPES, default="tq2_0",
                     help="preferred type of the ternary matrices (default: %(default)s)")
-    ex.add_argument("--fallback", choices=["auto", "q4_0", "q8_0"], default="auto",
+    ex.add_argument("--fallback", choices=FALLBACKS, default="auto",
                     help="exact type for rows TQ2_0/TQ1_0 cannot hold (default: %(default)s = q4_0, measured faster)")
-    ex.add_argument("--embedding-type", choices=["f16", "f32", "q8_0", "q6_k"], default="f16",
+    ex.add_argument("--embedding-type", choices=EMBEDDING_TYPES, default="f16",
                     help="token embedding / output matrix (default: %(default)s)")
     ex.add_argument("--arch", choices=["auto", *graph_names()], default="auto",
                     help="llama.cpp graph (default: bitnet for SubLN students, the native graph for --subln none)")
-    ex.add_argument("--delta", choices=["auto", "tensor", "fold"], default="auto",
+    ex.add_argument("--delta", choices=DELTA_MODES, default="auto",
                     help="Δ as an exact .scale tensor or folded into the block scales (default: %(default)s)")
     ex.add_argument("--tokenizer", help="HF tokenizer directory (default: the student directory)")
     ex.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name when it cannot be inferred")
@@ -377,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "code) here")
     ex.set_defaults(func=cmd_export)
 
+
+def _add_serve(sub: Subcommands) -> None:
     sv = sub.add_parser("serve", help="serve a GGUF with llama.cpp's OpenAI-compatible HTTP server")
     sv.add_argument("model", help="the .gguf file, or an export stage output (its student.gguf and lrc-lora.gguf)")
     sv.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
@@ -386,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=int, help="CPU threads (default: llama-cpp-python's)")
     sv.set_defaults(func=cmd_serve)
 
+
+def _add_eval(sub: Subcommands) -> None:
     ev = sub.add_parser("eval", help="perplexity (PyTorch, lm-eval rolling, llama.cpp) and lm-eval tasks of a model")
     ev.add_argument("--model", required=True,
                     help="student directory or a stage output holding one, or an HF model directory / hub id "
@@ -408,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="results JSON (default: EVAL_DIR/results-<model dir name>.json)")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_select(sub: Subcommands) -> None:
     se = sub.add_parser("select", help="influence-based data selection: keep the train blocks most like a target split")
     se.add_argument("--model", required=True, help="model whose gradients score the data (student or HF directory)")
     se.add_argument("--world", default=str(DEFAULT_WORKDIR / "world"), help="built world (default: %(default)s)")
@@ -417,11 +444,32 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-candidates", type=int, help="score only the first N train blocks")
     se.set_defaults(func=cmd_select)
 
+
+def _add_demo(sub: Subcommands) -> None:
     demo = sub.add_parser("demo", help="offline tiny pipeline: build the world and train the teacher")
     demo.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="work directory (default: %(default)s)")
     demo.add_argument("--teacher-config", help="TeacherConfig as YAML/JSON")
     demo.add_argument("--steps", type=int, help="teacher optimizer steps")
     demo.set_defaults(func=cmd_demo)
+
+
+COMMANDS = (_add_world, _add_teacher, _add_convert, _add_stage, _add_export, _add_serve, _add_eval, _add_select,
+            _add_demo)
+"""The library's command builders, in ``bitdistill --help`` order."""
+
+
+def add_commands(sub: Subcommands) -> None:
+    """Add the library's commands to ``sub`` (from :func:`new_parser`)."""
+    for add in COMMANDS:
+        add(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The library's commands alone (``python -m bitnet.cli``). The ``bitdistill`` entry point, ``flows.cli``, builds
+    its parser from :func:`new_parser` and :func:`add_commands` and adds ``plan`` and ``run``; nothing here calls
+    into it."""
+    parser, sub = new_parser()
+    add_commands(sub)
     return parser
 
 
@@ -430,20 +478,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_parsed(args: argparse.Namespace) -> int:
-    """Run a parsed command; known errors become one line on stderr and exit code 2."""
+    """Run a parsed library command; known errors become one line on stderr and exit code 2."""
+    try:
+        return args.func(args)
+    except Exception as e:
+        if (status := error_status(e)) is None:
+            raise
+        return status
+
+
+def error_status(e: Exception) -> int | None:
+    """A user-facing error (bad input, a refused or unwritable output, ...) → one line on stderr and exit code 2;
+    None for anything else (a bug: the caller re-raises it with its traceback)."""
     from bitnet.convert import UnsupportedArchitectureError
     from bitnet.data import DataError
-    from bitnet.io import LockBusyError
+    from bitnet.io import DiskFullError, LockBusyError
     from bitnet.student import CheckpointError
     from bitnet.trainer import NonFiniteLossError
 
-    try:
-        return args.func(args)
-    except (CLIError, DataError, CheckpointError, UnsupportedArchitectureError, NonFiniteLossError,
-            FileNotFoundError, FileExistsError, ValueError, LockBusyError) as e:
+    if isinstance(e, (CLIError, DataError, CheckpointError, UnsupportedArchitectureError, NonFiniteLossError,
+                      FileNotFoundError, FileExistsError, ValueError, LockBusyError, DiskFullError)):
         return _one_line(str(e) or type(e).__name__)
-    except OSError as e:  # a read-only or full output location, a permission problem: no traceback
+    if isinstance(e, OSError):  # a read-only or full output location, a permission problem: no traceback
         return _one_line(os_error_message(e))
+    return None
 
 
 def os_error_message(e: OSError) -> str:

@@ -4,7 +4,7 @@ out of configs and out of what is printed about them (:func:`redact_uri`, :func:
 
 A config is built from layers, lowest first: the class defaults (the ``tiny`` values), a preset (a mapping), a
 ``--config`` file, then dotted overrides (``--set train.max_steps=20`` or a command's own flags). Mappings merge
-key by key; anything else replaces.
+key by key (unless their ``kind``/``backend`` differs); anything else replaces.
 """
 
 from __future__ import annotations
@@ -39,13 +39,19 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return loaded or {}
 
 
+# keys whose value picks a mapping's type (a discriminated union): a mapping with another value is another type
+DISCRIMINATORS = ("kind", "backend")
+
+
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """``over`` on top of ``base``: mappings merge recursively, other values replace; a mapping with another
-    ``kind`` (e.g. a text source of another kind) replaces the base mapping as a whole."""
+    ``kind`` or ``backend`` (:data:`DISCRIMINATORS`: a text source of another kind, a stage's compute on another
+    backend) replaces the base mapping as a whole, so no key of the other type is left behind."""
     out = dict(base)
     for k, v in over.items():
         b = out.get(k)
-        same = isinstance(v, Mapping) and isinstance(b, Mapping) and v.get("kind", b.get("kind")) == b.get("kind")
+        same = isinstance(v, Mapping) and isinstance(b, Mapping) and all(
+            v.get(d, b.get(d)) == b.get(d) for d in DISCRIMINATORS)
         out[k] = deep_merge(b, v) if same else v  # type: ignore[arg-type]
     return out
 

@@ -97,8 +97,9 @@ def compare_to_teacher(
 
 
 
-class HarnessConfig(BaseModel):
-    """What ``bitdistill eval`` runs."""
+class HarnessOptions(BaseModel):
+    """The lm-eval tasks of an evaluation and how they run: the eval stage's ``harness`` section (which split and
+    how many of its blocks are the stage's own ``split`` and ``max_batches``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -106,18 +107,23 @@ class HarnessConfig(BaseModel):
         default_factory=lambda: ["bitdistill_heldout", "bitdistill_cloze"],
         description="lm-eval tasks: the local ones (bitnet/eval_tasks) or any name lm-eval knows (needs the hub)",
     )
-    split: str = Field(default="test", description="world split the perplexities and local tasks are built from")
     batch_size: int = Field(default=8, ge=1)
     limit: int | None = Field(default=None, ge=1, description="examples per lm-eval task")
     num_fewshot: int | None = Field(default=None, ge=0)
-    max_blocks: int | None = Field(default=None, ge=1,
-                                   description="packed blocks for the pytorch / llama.cpp perplexity")
     max_docs: int | None = Field(default=None, ge=1, description="held-out documents for the local tasks")
     n_cloze: int = Field(default=200, ge=1, description="cloze items built for bitdistill_cloze")
     lm_eval_perplexity: bool = Field(default=True,
                                      description="also compute token perplexity with loglikelihood_rolling")
     seed: int = 0
     threads: int | None = Field(default=None, ge=1, description="llama.cpp threads for the GGUF")
+
+
+class HarnessConfig(HarnessOptions):
+    """What ``bitdistill eval`` runs: the harness options, and the world split and packed blocks it evaluates."""
+
+    split: str = Field(default="test", description="world split the perplexities and local tasks are built from")
+    max_blocks: int | None = Field(default=None, ge=1,
+                                   description="packed blocks for the pytorch / llama.cpp perplexity")
 
 
 @dataclass
@@ -267,22 +273,24 @@ def evaluate_model(
     tokenizer: PreTrainedTokenizerBase,
     dataset: PackedDataset,
     eval_dir: str | Path,
-    cfg: HarnessConfig | None = None,
+    cfg: HarnessOptions | None = None,
     *,
     name: str = "model",
     gguf: str | Path | None = None,
     lora: str | Path | None = None,
+    max_blocks: int | None = None,
 ) -> EvalResults:
     """Perplexities (pytorch, llama.cpp when ``gguf`` is given, lm-eval rolling) and lm-eval tasks of ``model``.
 
-    ``dataset`` is the held-out packed split; the local task files are built from it under ``eval_dir``.
+    ``dataset`` is the held-out packed split; the local task files are built from it under ``eval_dir``; the
+    pytorch / llama.cpp perplexities are over its first ``max_blocks`` blocks (None: all of them).
     """
     from bitnet.eval_data import LOCAL_TASKS, build_eval_data
 
-    cfg = cfg or HarnessConfig()
+    cfg = cfg or HarnessOptions()
     t0 = time.perf_counter()
     res = EvalResults(model=name, info={"config": cfg.model_dump(mode="json"), "split_digest": dataset.digest})
-    rows = _blocks(dataset, cfg.max_blocks)
+    rows = _blocks(dataset, max_blocks)
     batches = [{"input_ids": rows[i : i + cfg.batch_size]} for i in range(0, len(rows), cfg.batch_size)]
     res.perplexity["pytorch"] = perplexity(model, batches)
     res.info["blocks"] = [int(rows.shape[0]), int(rows.shape[1])]

@@ -7,6 +7,10 @@ the original linear (``o_proj.weight``) are unchanged and the norm appears as ``
 
 During the warm-up of continued pre-training, ``quant_lambda`` (λ) blends full precision and quantized
 values: ``w + λ·(q(w) - w).detach()`` for weights and activations alike.
+
+The weight scale is per tensor (``scale_group = 0``, BitNet) or per group of ``scale_group`` values of a row, by a
+rule (:data:`bitnet.quant.ScaleRule`): ``absmean`` and ``mse`` are recomputed from the latent weight every forward;
+``learned`` scales are a parameter, ``weight_scales`` (out, groups), in the state dict next to ``weight``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitnet.quant import act_quant, ternary_codes, weight_quant
+from bitnet.quant import (
+    ScaleRule,
+    act_quant,
+    group_weight_quant,
+    lsq_weight_quant,
+    rule_scales,
+    ternary_codes,
+    weight_quant,
+)
 from kernels.dispatch import ternary_linear as kernel_linear  # PyTorch autograd.Function, Triton on CUDA
+from kernels.quant import expand_scales, fp16_grid, grouped_codes, mse_scales
 
 
 class SubLN(nn.RMSNorm):
@@ -37,13 +50,22 @@ class SubLN(nn.RMSNorm):
 
 @dataclass(frozen=True)
 class TernaryWeight:
-    """What an exporter needs of a BitLinear: codes in {-1, 0, 1} and the per-tensor scale Δ."""
+    """What an exporter needs of a BitLinear: codes in {-1, 0, 1} and their scales, one per tensor (``group = 0``,
+    ``scales`` of shape (1, 1)) or one per group of ``group`` consecutive values of a row (out, in // group)."""
 
     codes: torch.Tensor  # int8, shape (out_features, in_features)
-    scale: float
+    scales: torch.Tensor  # float32
+    group: int = 0
+
+    @property
+    def scale(self) -> float:
+        """The per-tensor scale Δ (only for ``group = 0``)."""
+        if self.group:
+            raise ValueError(f"this matrix has one scale per group of {self.group}, not one per tensor")
+        return float(self.scales.reshape(()))
 
     def dequantize(self) -> torch.Tensor:
-        return self.codes.float() * self.scale
+        return self.codes.float() * expand_scales(self.scales.float(), self.group, self.codes.shape)
 
 
 class BitLinear(nn.Linear):
@@ -65,6 +87,42 @@ class BitLinear(nn.Linear):
         if self.sub_norm is not None and (device is not None or dtype is not None):
             self.sub_norm.to(device=device, dtype=dtype)
         self.quant_lambda: float = 1.0
+        self.scale_group: int = 0
+        self.scale_rule: ScaleRule = "absmean"
+        self.weight_scales: nn.Parameter | None = None
+
+    def configure_scales(self, group: int, rule: ScaleRule, scales: torch.Tensor | None = None) -> None:
+        """Per-tensor (``group = 0``) or per-group scales by ``rule``; ``learned`` scales start from ``scales`` or
+        else from the MSE-optimal scales of the current weight (so the codes stay what ``mse`` would give)."""
+        if group and (group < 0 or self.in_features % group):
+            raise ValueError(f"a scale group of {group} does not divide the {self.in_features}-value rows of a "
+                             f"{self.out_features}×{self.in_features} matrix")
+        self.scale_group, self.scale_rule = int(group), rule
+        if rule != "learned":
+            self.weight_scales = None
+            return
+        init = scales if scales is not None else mse_scales(self.weight, group)
+        groups = (self.out_features, self.in_features // group) if group else (1, 1)
+        if tuple(init.shape) != groups:
+            raise ValueError(f"learned scales of shape {tuple(init.shape)} do not fit {groups}")
+        self.weight_scales = nn.Parameter(fp16_grid(init.detach()).to(self.weight.device),
+                                          requires_grad=self.weight.requires_grad)
+
+    def current_scales(self) -> torch.Tensor:
+        """The scales the forward uses now (fp16 grid, float32, no gradient): (out, groups) or (1, 1)."""
+        if self.weight_scales is not None:
+            return fp16_grid(self.weight_scales.detach())
+        if self.scale_group == 0 and self.scale_rule == "absmean":
+            return ternary_codes(self.weight)[1].reshape(1, 1)
+        return rule_scales(self.weight, self.scale_group, self.scale_rule)
+
+    def quantized_weight(self, lam: float = 1.0) -> torch.Tensor:
+        """The fake-quantized weight with its straight-through (and, for learned scales, LSQ) gradient."""
+        if self.weight_scales is not None:
+            return lsq_weight_quant(self.weight, self.weight_scales, self.scale_group, lam)
+        if self.scale_group == 0 and self.scale_rule == "absmean":
+            return weight_quant(self.weight, lam)
+        return group_weight_quant(self.weight, self.scale_group, self.scale_rule, lam)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, sub_norm: bool = False, norm_eps: float = 1e-6) -> BitLinear:
@@ -91,19 +149,28 @@ class BitLinear(nn.Linear):
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ternary path on an already normalized input."""
         lam = self.quant_lambda
-        if lam == 1.0:  # bit-identical on the PyTorch path (kernels/reference.py)
-            return kernel_linear(x, self.weight, self.bias)
-        return F.linear(act_quant(x, lam), weight_quant(self.weight, lam), self.bias)
+        if lam == 1.0 and self.scale_group == 0 and self.scale_rule == "absmean":
+            return kernel_linear(x, self.weight, self.bias)  # bit-identical on the PyTorch path (kernels/reference.py)
+        return F.linear(act_quant(x, lam), self.quantized_weight(lam), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantized_forward(self.normed_input(x))
 
+    @torch.no_grad()
     def ternary_weight(self) -> TernaryWeight:
-        codes, delta = ternary_codes(self.weight)
-        return TernaryWeight(codes=codes, scale=float(delta))
+        """The codes and scales the forward at λ = 1 uses (exactly: ``dequantize()`` is its weight)."""
+        if self.scale_group == 0 and self.scale_rule == "absmean":
+            codes, delta = ternary_codes(self.weight)
+            return TernaryWeight(codes=codes, scales=delta.reshape(1, 1))
+        scales = self.current_scales()
+        return TernaryWeight(codes=grouped_codes(self.weight, scales, self.scale_group), scales=scales,
+                             group=self.scale_group)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, sub_norm={self.sub_norm is not None}, quant_lambda={self.quant_lambda}"
+        scales = f", scale_group={self.scale_group}, scale_rule={self.scale_rule}" if self.scale_group or \
+            self.scale_rule != "absmean" else ""
+        return (f"{super().extra_repr()}, sub_norm={self.sub_norm is not None}, quant_lambda={self.quant_lambda}"
+                f"{scales}")
 
 
 class BitLinearLRC(BitLinear):
@@ -136,6 +203,7 @@ class BitLinearLRC(BitLinear):
             device=layer.weight.device,
             dtype=layer.weight.dtype,
         )
+        new.configure_scales(layer.scale_group, layer.scale_rule, layer.weight_scales)
         new.load_state_dict(layer.state_dict(), strict=False)
         new.quant_lambda = layer.quant_lambda
         return new

@@ -31,9 +31,9 @@ activation-free baseline (truncated SVD of ``W − Wq``).
 
 :func:`calibrate_lrc` runs calibration batches through the *student* with forward pre-hooks on every
 ``BitLinearLRC`` (the paper's setting needs no teacher: ``W`` is the layer's full-precision latent weight,
-``Wq = weight_quant_value(W)``). When a ``teacher`` is given and holds an ``nn.Linear`` of the same shape at
-the same module path, its weight is used as ``W`` instead: the correction then pulls each layer's
-output towards the *teacher's* layer applied to the student's inputs (for a freshly converted student
+``Wq = layer.ternary_weight().dequantize()``, whatever the scale rule). When a ``teacher`` is given and holds an
+``nn.Linear`` of the same shape at the same module path, its weight is used as ``W`` instead: the correction then
+pulls each layer's output towards the *teacher's* layer applied to the student's inputs (for a freshly converted student
 both choices coincide, since the latent weight is a copy of the teacher's). Biases cancel (same bias on
 both sides) and are ignored.
 """
@@ -308,7 +308,7 @@ def calibrate_lrc(
             handles = []
             for name, layer in group:
                 w = _reference_weight(teacher, name, layer)
-                weights[name] = (w, weight_quant_value(layer.weight))
+                weights[name] = (w, layer.ternary_weight().dequantize().to(layer.weight.dtype))
                 accs[name] = CovarianceAccumulator(layer.in_features, layer.out_features, device=layer.weight.device)
 
                 def hook(

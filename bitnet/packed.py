@@ -58,6 +58,9 @@ class PackedBitLinear(nn.Module):
             raise TypeError("PackedBitLinear does not carry an LRC adapter; merge or drop it first")
         if layer.quant_lambda != 1.0:
             raise ValueError(f"only a fully quantized BitLinear (λ = 1) can be packed, got λ = {layer.quant_lambda}")
+        if layer.scale_group or layer.scale_rule != "absmean":
+            raise ValueError("PackedBitLinear holds BitNet's per-tensor absmean Δ; a student with "
+                             f"{layer.scale_rule} scales per {layer.scale_group or 'tensor'} is served from its GGUF")
         w = layer.weight
         new = cls(
             layer.in_features,

@@ -46,7 +46,7 @@ def save_student(
     if cfg is None:
         raise ValueError("save_student needs a model converted with convert_to_bitnet")
     path = Path(path)
-    with atomic_dir(path, marker=BITNET_CONFIG) as tmp:
+    with atomic_dir(path, marker=BITNET_CONFIG, expected=_tensor_bytes(model, state_dict)) as tmp:
         model.config.save_pretrained(tmp)
         write_json_atomic(tmp / BITNET_CONFIG, cfg.model_dump())
         meta = {"format": "pt", "bitdistill": "student"}
@@ -58,6 +58,15 @@ def save_student(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return path
+
+
+def _tensor_bytes(model: nn.Module, state: dict[str, torch.Tensor] | None) -> int:
+    """About the size of the weights file (tied tensors once): what a full disk is told the write needs."""
+    try:
+        tensors = state if state is not None else model.state_dict()
+        return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors.values()}.values())
+    except Exception:  # noqa: BLE001 - an estimate only (e.g. sharded tensors without storage here)
+        return 0
 
 
 def _untied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -111,23 +111,34 @@ class TrainConfig(BaseModel):
         default="auto", description="the frozen teacher of a distillation stage: replicated, sharded, or by size"
     )
     eval_every: int = Field(default=0, ge=0, description="validate every N steps; 0 = only at the end")
-    eval_batches: int = Field(default=8, ge=1)
     ckpt_every: int = Field(default=0, ge=0, description="checkpoint every N steps; 0 = never")
     keep_checkpoints: int = Field(default=2, ge=1)
     log_every: int = Field(default=10, ge=1)
     seed: int = 0
     progress: bool = True
+    schedule_start: int = Field(
+        default=0, ge=0, description="steps of a schedule shared across stages taken by earlier stages (0: own)")
+    schedule_steps: int | None = Field(
+        default=None, gt=0, description="length of that shared schedule (None: this stage's max_steps)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.cpu_offload and self.parallel != "fsdp":
             raise ValueError("cpu_offload needs parallel: fsdp")
+        if self.schedule_start + self.max_steps > self.total_schedule_steps:
+            raise ValueError(f"schedule_start {self.schedule_start} + max_steps {self.max_steps} exceeds "
+                             f"schedule_steps {self.schedule_steps}")
         return self
 
     @property
+    def total_schedule_steps(self) -> int:
+        """The length of the LR schedule this stage is a window of (its own ``max_steps`` unless shared)."""
+        return self.schedule_steps if self.schedule_steps is not None else self.max_steps
+
+    @property
     def effective_warmup(self) -> int:
-        """``warmup_steps`` clamped to the step budget (a 2-step run with a 15-step default warm-up is valid)."""
-        return min(self.warmup_steps, self.max_steps)
+        """``warmup_steps`` clamped to the schedule (a 2-step run with a 15-step default warm-up is valid)."""
+        return min(self.warmup_steps, self.total_schedule_steps)
 
 
 def validate_parallel(cfg: TrainConfig, n_processes: int) -> None:
@@ -155,12 +166,16 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[s
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    warmup = cfg.effective_warmup
+    """The LR multiplier at a stage's step: linear warm-up then cosine decay to ``min_lr_ratio``, over the stage's
+    own steps, or over a schedule shared by consecutive stages (``schedule_start``/``schedule_steps``: the stage
+    takes steps ``[start, start + max_steps)`` of it, so a budget split into stages warms up once and decays once)."""
+    warmup, total, start = cfg.effective_warmup, cfg.total_schedule_steps, cfg.schedule_start
 
     def fn(step: int) -> float:
+        step += start
         if warmup and step < warmup:
             return (step + 1) / warmup
-        span = max(1, cfg.max_steps - warmup)
+        span = max(1, total - warmup)
         progress = min(1.0, (step - warmup) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -194,6 +209,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: matrices decay; biases, norms and learned quantizer scales do not (decay would pull
+    a scale towards 0, and its whole group of weights with it)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2 and not n.endswith("weight_scales")]
+    no_decay = [p for n, p in params if p.ndim < 2 or n.endswith("weight_scales")]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class Trainer:
@@ -240,14 +264,8 @@ class Trainer:
             self.model = shard_model(model, self.device, precision=cfg.precision, cpu_offload=cfg.cpu_offload)
         else:
             self.model = model.to(self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=cfg.betas,
-        )
+        self.optimizer = torch.optim.AdamW(optimizer_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=cfg.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.wrapped: nn.Module = (
             DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -324,7 +342,32 @@ class Trainer:
         return dict(model_sd), optim, list(osd["param_groups"])
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-NNNNNNNN`` (collective under DDP/FSDP); it appears only once complete."""
+        """Write ``checkpoints/step-NNNNNNNN`` (collective under DDP/FSDP); it appears only once complete. A full disk
+        is a one-line :class:`bitnet.io.DiskFullError`: the partial checkpoint is removed, earlier ones stay."""
+        from bitnet.io import disk_full_error, is_disk_full, tree_bytes
+
+        try:
+            return self._write_checkpoint()
+        except BaseException as e:
+            tmp = self.ckpt_root / f".step-{self.step:08d}.tmp"
+            if self.rank != 0 or not is_disk_full(e, self.ckpt_root):
+                raise
+            written = tree_bytes(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.checkpoints()
+            needed = tree_bytes(previous[-1][1]) if previous else self._state_bytes()
+            raise disk_full_error(e, self.ckpt_root / f"step-{self.step:08d}", needed=needed, written=written) from e
+
+    def _state_bytes(self) -> int:
+        """About the size of a checkpoint: model and optimizer tensors (the estimate a full disk is told)."""
+        try:
+            tensors = [*self.model.state_dict().values(),
+                       *(v for st in self.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
+            return sum(t.numel() * t.element_size() for t in tensors)
+        except Exception:  # noqa: BLE001 - an estimate only
+            return 0
+
+    def _write_checkpoint(self) -> Path:
         rng = self._gather(self._rng_state())
         final = self.ckpt_root / f"step-{self.step:08d}"
         tmp = self.ckpt_root / f".step-{self.step:08d}.tmp"
@@ -580,9 +623,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total, n = 0.0, 0
-        for i, batch in enumerate(self.val_batches()):
-            if i >= self.cfg.eval_batches:
-                break
+        for batch in self.val_batches():
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with autocast_context(self.device, self.cfg.precision):
                 loss, _ = self.eval_fn(self.model, batch)

@@ -33,7 +33,8 @@ def pipeline(run: StageRunner) -> RunSummary:
     cfg = run.cfg
     world = run.stage("world")
     teacher = run.stage("teacher", world=None if cfg.teacher.pretrained else world)
-    student = naive = run.stage("convert", teacher=teacher)
+    # the world only when convert calibrates: an uncalibrated student does not depend on it (nor does its cache key)
+    student = naive = run.stage("convert", teacher=teacher, world=world if cfg.convert.calibration.enabled else None)
     for name in STUDENT_STAGES:
         student = run.stage(name, student=student, teacher=teacher, world=world) or student
     # eval first: it reads only the PyTorch student, and a student whose shape no GGUF graph takes is still measured

@@ -1,6 +1,8 @@
-"""The ``bitdistill`` entry point: the library's commands (``bitnet.cli``) plus ``run``, the Prefect flow.
+"""The ``bitdistill`` entry point: the library's commands (``bitnet.cli``) plus ``plan`` and ``run``, the Prefect flow.
 
-``bitdistill run`` uses Prefect's local ephemeral API unless ``PREFECT_API_URL`` points at a server.
+Calls go one way: this module builds the parser from ``bitnet.cli``'s builders (:func:`bitnet.cli.new_parser`,
+:func:`bitnet.cli.add_commands`), adds its own commands and runs the parsed one itself; ``bitnet.cli`` never calls
+back into it. ``bitdistill run`` uses Prefect's local ephemeral API unless ``PREFECT_API_URL`` points at a server.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ import json
 import os
 import sys
 
-from bitnet.cli import CLIError, run_parsed
-from bitnet.cli import build_parser as library_parser
+from bitnet.cli import CLIError, add_commands, error_status, new_parser
 from flows.config import PRESETS
 
 
@@ -60,8 +61,9 @@ def plan_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = library_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    """``bitdistill``: the library's commands, then ``plan`` and ``run``."""
+    parser, sub = new_parser()
+    add_commands(sub)
     plan = sub.add_parser("plan", help="per-GPU memory plan of a preset: parallel mode and micro-batch that fit")
     plan.add_argument("--preset", required=True,
                       help="a preset with a real model: qwen2.5-0.5b, qwen3-4b, llama-3.1-8b")
@@ -83,7 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_parsed(build_parser().parse_args(argv))
+    """Parse and run one command; a user-facing error is one line on stderr and exit code 2 (``error_status``)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as e:
+        if (status := error_status(e)) is None:
+            raise
+        return status
 
 
 if __name__ == "__main__":

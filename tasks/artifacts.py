@@ -111,7 +111,10 @@ class StoreConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
-    root: str = Field(description="artifact root: a local path, file://, s3:// or gs:// URL")
+    root: str | None = Field(
+        default=None, description="artifact root: a local path (relative to the working directory), file://, s3:// or "
+        "gs:// URL; unset (the presets' default): $BITDISTILL_HOME/runs/<preset>/artifacts, BITDISTILL_HOME "
+        "defaulting to ~/.local/share/bitdistill (see default_root)")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options without secrets, e.g. {'endpoint_url': ...} for s3"
     )
@@ -119,8 +122,9 @@ class StoreConfig(BaseModel):
 
     @field_validator("root")
     @classmethod
-    def _no_secret_root(cls, v: str) -> str:
-        refuse_credentials(v, "store.root", _CREDENTIALS_HINT)
+    def _no_secret_root(cls, v: str | None) -> str | None:
+        if v is not None:
+            refuse_credentials(v, "store.root", _CREDENTIALS_HINT)
         return v
 
     @field_validator("storage_options")
@@ -130,6 +134,15 @@ class StoreConfig(BaseModel):
             raise ValueError(f"storage_options must not hold credentials ({'; '.join(bad)}): they would be stored "
                              f"in run records; {_CREDENTIALS_HINT}")
         return v
+
+
+def default_root(preset: str) -> Path:
+    """The artifact root of a run whose ``store.root`` is unset: ``runs/<preset>/artifacts`` under the data directory
+    (``bitnet.io.data_home``: ``$BITDISTILL_HOME``, default ``~/.local/share/bitdistill``), absolute and outside the
+    checkout. Computed when a run starts (``PipelineConfig.resolved``), so the stored config keeps ``root: null``."""
+    from bitnet.io import data_home
+
+    return data_home() / "runs" / preset / "artifacts"
 
 
 def _default_cache_dir() -> Path:
@@ -165,6 +178,8 @@ class ArtifactStore:
 
     @classmethod
     def from_config(cls, cfg: StoreConfig) -> ArtifactStore:
+        if cfg.root is None:
+            raise ArtifactError("store.root is unset: resolve the config first (PipelineConfig.resolved)")
         return cls(cfg.root, cfg.storage_options, cfg.cache_dir)
 
     # ------------------------------------------------------------------------------------------- locations

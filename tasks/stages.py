@@ -24,7 +24,7 @@ from bitnet.stages import STAGES
 from bitnet.stages.outputs import identity_config
 from tasks.artifacts import ArtifactError, ArtifactRef, ArtifactStore, StoreConfig, stage_key
 from tasks.caching import code_digest, stage_cache_policy, upstream_identity
-from tasks.compute import ComputeConfig, run_request
+from tasks.compute import ComputeConfig, LocalCompute, run_request
 from tasks.execute import StageRequest
 from tasks.progress import TrainProgress
 
@@ -85,4 +85,4 @@ def stage_task(
         raise ArtifactError(f"{name}: no finished artifact at {artifacts.uri(name, key)} and this run is reuse-only")
     req = StageRequest(stage=name, key=key, config=config, upstream=inputs, store=store, code=code,
                        producer=_producer())
-    return run_request(compute or ComputeConfig(), req, logger, progress=_train_progress)
+    return run_request(compute or LocalCompute(), req, logger, progress=_train_progress)

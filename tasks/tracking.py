@@ -151,12 +151,16 @@ def key_params(config: dict[str, Any]) -> dict[str, str]:
 
 
 def default_tracking_uri(store: ArtifactStore, preset: str, create: bool = True) -> tuple[str, str | None]:
-    """(tracking URI, artifact location for a new experiment); sqlite next to a local artifact root (its directory
-    made unless ``create`` is false)."""
+    """(tracking URI, artifact location for a new experiment); sqlite next to a local artifact root, or under the
+    data directory's ``runs/<preset>`` for a remote one (its directory made unless ``create`` is false)."""
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri, None
-    workdir = Path(store.root_path).parent if store.local else Path("runs") / preset
-    workdir = workdir.resolve()
+    if store.local:
+        workdir = Path(store.root_path).parent.resolve()
+    else:  # a remote root: the data directory, never the working directory (bitnet.io.data_home)
+        from bitnet.io import data_home
+
+        workdir = data_home() / "runs" / preset
     if create:
         workdir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{workdir / 'mlflow.db'}", (workdir / "mlartifacts").as_uri()

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -13,12 +15,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The data directory (default artifact roots, output locks) of every test and the processes it starts: a temporary
+# directory, never the user's ~/.local/share/bitdistill (set at import: session fixtures write before any test runs).
+_HOME = tempfile.mkdtemp(prefix="bitdistill-test-home-")
+os.environ["BITDISTILL_HOME"] = _HOME
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_home():
+    yield _HOME
+    shutil.rmtree(_HOME, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
 
 
-import shutil
 from pathlib import Path
 
 from bitnet.data import PYTHON_DOCS_DIR, python_docs_available

@@ -44,6 +44,10 @@ def test_merge_replaces_a_mapping_of_another_kind() -> None:
     base = {"source": {"kind": "dir", "path": "/x", "glob": "*.txt"}, "n": 1}
     assert deep_merge(base, {"source": {"kind": "hf", "name": "d"}}) == {"source": {"kind": "hf", "name": "d"}, "n": 1}
     assert deep_merge(base, {"source": {"glob": "*.md"}})["source"] == {"kind": "dir", "path": "/x", "glob": "*.md"}
+    sky = {"compute": {"backend": "skypilot", "cloud": "gcp", "nodes": 2}}
+    assert deep_merge(sky, {"compute": {"backend": "torchrun", "nproc_per_node": 2}}) == {
+        "compute": {"backend": "torchrun", "nproc_per_node": 2}}  # another backend: no skypilot key left behind
+    assert deep_merge(sky, {"compute": {"nodes": 4}})["compute"] == {"backend": "skypilot", "cloud": "gcp", "nodes": 4}
 
 
 def test_tiny_preset_is_the_plain_default_and_stage_sections_are_flat() -> None:
@@ -52,8 +56,8 @@ def test_tiny_preset_is_the_plain_default_and_stage_sections_are_flat() -> None:
     assert cfg.kd.temperature == 2.0 and not cfg.kd.enabled
     stage_cfg = cfg.kd.stage_config()
     assert type(stage_cfg) is KDConfig and stage_cfg.temperature == 2.0 and not hasattr(stage_cfg, "enabled")
-    assert PipelineConfig.stage_names() == ("world", "teacher", "convert", "layerwise", "cpt", "kd", "lrc", "export",
-                                            "eval")
+    assert PipelineConfig.stage_names() == ("world", "teacher", "convert", "layerwise", "cpt", "kd", "lrc", "eval",
+                                            "export")  # the order flows/bitdistill.py runs them in
 
 
 def test_partial_config_merges_over_its_preset() -> None:
@@ -63,3 +67,21 @@ def test_partial_config_merges_over_its_preset() -> None:
     assert pipeline_config(None, "tiny", sets=["kd.train.max_steps=8"]).kd.train.max_steps == 8
     with pytest.raises(ConfigError, match="unknown preset 'nonsense'"):
         pipeline_config({"preset": "nonsense"})
+
+
+def test_one_cap_per_evaluation_and_no_ignored_key() -> None:
+    """The eval stage's ``split`` and ``max_batches`` are its harness's too (the harness section refuses its own);
+    a training stage validates over ``data.eval_max_batches`` (``TrainConfig`` has no cap of its own)."""
+    from pydantic import ValidationError
+
+    from bitnet.evaluate import HarnessConfig
+    from bitnet.trainer import TrainConfig
+
+    for key, value in (("split", "validation"), ("max_blocks", "4")):
+        with pytest.raises(ConfigError, match=rf"eval\.harness\.{key}: unknown key"):
+            pipeline_config(None, "tiny", sets=[f"eval.harness.{key}={value}"])
+    assert pipeline_config(None, "tiny", sets=["eval.harness.limit=4"]).eval.harness.limit == 4
+    cli = HarnessConfig(split="validation", max_blocks=4)  # `bitdistill eval` names both itself
+    assert (cli.split, cli.max_blocks) == ("validation", 4)
+    with pytest.raises(ValidationError, match="eval_batches"):
+        TrainConfig(max_steps=1, eval_batches=8)

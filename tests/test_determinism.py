@@ -42,7 +42,7 @@ TRAIN = {"max_steps": 2, "lr": 2e-3, "warmup_steps": 1, "log_every": 1, "ckpt_ev
 DATA = {"batch_size": 2, "eval_batch_size": 4, "eval_max_batches": 1}
 TEACHER = {"model": {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
                      "num_key_value_heads": 2, "max_position_embeddings": 128}, "train": TRAIN, "data": DATA}
-HARNESS = {"tasks": ["bitdistill_cloze"], "limit": 4, "max_blocks": 1, "max_docs": 4, "n_cloze": 4,
+HARNESS = {"tasks": ["bitdistill_cloze"], "limit": 4, "max_docs": 4, "n_cloze": 4,
            "lm_eval_perplexity": False}
 
 

@@ -87,7 +87,8 @@ def test_student_and_its_gguf_evaluate_offline(student, small_world, eval_data, 
     tok = small_world.tokenizer()
     gguf = export_gguf(student, tmp_path / "s.gguf", tokenizer=tok).path
     cfg = HarnessConfig(limit=12, max_blocks=4, batch_size=8, n_cloze=40, threads=1)
-    res = evaluate_model(student, tok, small_world.dataset("test"), eval_data.root, cfg, name="student", gguf=gguf)
+    res = evaluate_model(student, tok, small_world.dataset("test"), eval_data.root, cfg, name="student", gguf=gguf,
+                         max_blocks=cfg.max_blocks)
     print(res.table())
     ppl = res.perplexity
     assert set(ppl) == {"pytorch", "llama.cpp", "lm-eval rolling"}

@@ -56,8 +56,9 @@ from bitnet.export.llamacpp import llama_logits, load_llama
 from bitnet.export.plan import activation_blocks, permute_rows, row_permutation
 from bitnet.families import family_for
 from bitnet.families.exportable import StudentNotExportableError, check_student_exportable
-from bitnet.layers import BitLinear
+from bitnet.layers import BitLinear, bit_linears
 from bitnet.student import save_student
+from kernels.quant import expand_scales
 
 POS0_BOUND = 0.01  # median over rows, × the activation-quantization effect at position 0 (module docstring)
 RATIO_BOUND = 0.5  # × the activation-quantization effect over all positions (module docstring)
@@ -106,10 +107,21 @@ SHAPES = {
                               **{**_common(v), "tie_word_embeddings": False}),
         {"standard": None, "none": "llama"}),
 }
-CASES = [(shape, subln) for shape, (_, graphs) in SHAPES.items() for subln in graphs]
+# weight scales of a student: BitNet's per-tensor absmean, or one scale per export block of a row (issue #21)
+SCALES = {
+    "tensor": {},
+    "group-mse": {"weight_scale": "group", "scale_rule": "mse"},
+    "group-learned": {"weight_scale": "group", "scale_rule": "learned"},
+}
+CASES = [(shape, subln, "tensor") for shape, (_, graphs) in SHAPES.items() for subln in graphs] + [
+    ("smollm2-135m", "standard", "group-learned"),  # 576-wide rows: groups of 64 in Q4_0; 1536: 256 in TQ2_0
+    ("qwen2.5-0.5b", "none", "group-mse"),  # 896 = 3.5 × 256: Q4_0 with groups of 64; q/k/v biases
+    ("llama-3.2-1b", "none", "group-learned"),  # every row a multiple of 256: TQ2_0, one scale per block
+]
 
 
-def build_student(shape: str, vocab: int, subln: str, *, narrow: bool = False) -> torch.nn.Module:
+def build_student(shape: str, vocab: int, subln: str, *, narrow: bool = False, scales: str = "tensor"
+                  ) -> torch.nn.Module:
     """The shape's student; ``narrow``: widths cut to 256 (what refuses a shape — ties, biases, norms, RoPE scaling —
     does not depend on widths, and a refused 7B-wide student need not be built)."""
     factory, _ = SHAPES[shape]
@@ -124,7 +136,12 @@ def build_student(shape: str, vocab: int, subln: str, *, narrow: bool = False) -
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:  # make biases and norm weights matter
                 p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn_like(p))
-    return convert_to_bitnet(model, BitNetConfig(subln=subln)).eval()
+    model = convert_to_bitnet(model, BitNetConfig(subln=subln, **SCALES[scales])).eval()
+    with torch.no_grad():  # learned scales away from the MSE rule they start from: the file must hold these
+        for _, layer in bit_linears(model):
+            if layer.weight_scales is not None:
+                layer.weight_scales.mul_(1.0 + 0.2 * torch.rand_like(layer.weight_scales))
+    return model
 
 
 def _q8_K(x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +177,8 @@ def _emulate(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, kinds: dic
 
     def forward(self: BitLinear, x: torch.Tensor) -> torch.Tensor:
         tw = self.ternary_weight()
+        if tw.group:  # per-group scales are on the fp16 grid already
+            return F.linear(_EMULATE[kinds[names[id(self)]]](x), tw.dequantize().to(x.dtype), self.bias)
         delta = float(np.float16(tw.scale)) if fold else tw.scale
         return F.linear(_EMULATE[kinds[names[id(self)]]](x), tw.codes.to(x.dtype) * delta, self.bias)
 
@@ -187,10 +206,11 @@ def tokens(small_world) -> torch.Tensor:
     return small_world.dataset("test").get_batch([0, 1, 2, 3, 4, 5])[:, :12]
 
 
-@pytest.mark.parametrize(("shape", "subln"), CASES)
-def test_real_shapes_export_load_and_agree(shape, subln, small_world, tokens, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize(("shape", "subln", "scales"), CASES)
+def test_real_shapes_export_load_and_agree(shape, subln, scales, small_world, tokens, tmp_path, monkeypatch) -> None:
     """Every real shape with and without SubLN: exported and run by llama.cpp within the derived bound, or refused
-    before training (from the config alone) and at export (on the weights) with the same reason."""
+    before training (from the config alone) and at export (on the weights) with the same reason. Students with
+    per-group scales (learned or MSE) are written exactly: each block's fp16 scale is its group's scale."""
     tok = small_world.tokenizer()
     factory, graphs = SHAPES[shape]
     expected_arch = graphs[subln]
@@ -206,7 +226,7 @@ def test_real_shapes_export_load_and_agree(shape, subln, small_world, tokens, tm
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = build_student(shape, len(tok), subln, narrow=expected_arch is None)
+        model = build_student(shape, len(tok), subln, narrow=expected_arch is None, scales=scales)
         if expected_arch is None:
             with pytest.raises(UnsupportedExportError, match="--subln none") as info:
                 plan_export(model)
@@ -237,7 +257,11 @@ def test_real_shapes_export_load_and_agree(shape, subln, small_world, tokens, tm
                     codes = permute_rows(codes, heads)
                 t = tensors[tensor_name(kind, i)]
                 values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(codes.shape)
-                d = np.float32(np.float16(tw.scale)) if fold else np.float32(1.0)
+                if tw.group:
+                    d = expand_scales(tw.scales, tw.group, tw.codes.shape).numpy()
+                    d = permute_rows(d, heads) if heads is not None else d
+                else:
+                    d = np.float32(np.float16(tw.scale)) if fold else np.float32(1.0)
                 assert np.array_equal(values, codes.astype(np.float32) * d), (shape, t.name, t.tensor_type.name)
                 if not fold:
                     assert float(tensors[tensor_name(kind, i, "scale")].data[0]) == np.float32(tw.scale)

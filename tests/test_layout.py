@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import re
+import tomllib
 from pathlib import Path
 
 from tasks.caching import imported_modules
@@ -159,3 +161,125 @@ def test_package_root_exports_the_public_api() -> None:
     for name in ("convert_to_bitnet", "BitNetConfig", "BitLinear", "BitLinearLRC", "SubLN", "save_student",
                  "load_student", "export_gguf"):
         assert callable(getattr(bitnet, name)), name
+
+
+# --------------------------------------------------------------------------------------------- one home per option
+def _sequences_of_strings(file: Path) -> list[set[str]]:
+    """The string constants of every tuple/list/set literal and every ``Literal[...]`` in ``file``."""
+    found = []
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("Literal"):
+            node = node.slice
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            found.append({e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)})
+    return found
+
+
+def test_export_options_are_spelled_once() -> None:
+    """The export types and options are the ``Literal``s of bitnet/export/quants.py; no other module of ours lists
+    them again (the stage config, export_gguf, the plan's checks and the CLI's choices use those), and the per-type
+    tables cover exactly them."""
+    from bitnet.export import quants
+    from bitnet.export.gguf import _FILE_TYPES
+    from bitnet.stages.export import ExportConfig
+    from flows.cli import build_parser
+
+    options = {"weight": set(quants.WEIGHT_TYPES), "embedding": set(quants.EMBEDDING_TYPES),
+               "fallback": set(quants.FALLBACKS), "delta": set(quants.DELTA_MODES)}
+    for name, file in _modules().items():
+        if name != "bitnet.export.quants":
+            for strings in _sequences_of_strings(file):
+                assert not [k for k, v in options.items() if v <= strings], f"{file.relative_to(ROOT)}: {strings}"
+    assert set(quants.TERNARY_QTYPES) == set(_FILE_TYPES) == options["weight"]
+    assert set(quants.EMBEDDING_QTYPES) == options["embedding"]
+    assert ExportConfig.model_fields["weight_type"].annotation == quants.WeightType
+    assert ExportConfig.model_fields["embedding_type"].annotation == quants.EmbeddingType
+    assert ExportConfig.model_fields["fallback"].annotation == quants.Fallback
+    parser = build_parser()
+    for flag, values in (("--type", quants.WEIGHT_TYPES), ("--embedding-type", quants.EMBEDDING_TYPES),
+                         ("--fallback", quants.FALLBACKS), ("--delta", quants.DELTA_MODES)):
+        for value in values:
+            parser.parse_args(["export", "--student", "s", flag, value])
+
+
+# ------------------------------------------------------------------------------------------------------ the CLI
+def test_cli_uses_no_private_argparse_attributes() -> None:
+    """One console script, ``flows.cli:main``, builds its parser through bitnet/cli.py's public builders; nothing
+    of ours reaches into argparse's private attributes (``_actions``, ``_SubParsersAction``, ...)."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"bitdistill": "flows.cli:main"}
+    for file in [*_modules().values(), *(ROOT / "tests").rglob("*.py")]:
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in {"_actions", "_SubParsersAction", "_subparsers",
+                                                                 "_group_actions", "_option_string_actions"}:
+                raise AssertionError(f"{file.relative_to(ROOT)}:{node.lineno}: argparse's private {node.attr}")
+
+
+# ---------------------------------------------------------------------------------------------- docs and CI
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+TOP_LEVEL = {p.name for p in ROOT.iterdir()} - {"runs", "mlruns", ".venv"}
+
+
+def _named_paths(text: str) -> list[str]:
+    """Every repository path a markdown text names in backticks (``a/b.py``, ``a/b/``, ``a/<name>.py``): the first
+    segment a top-level entry of the repository."""
+    tokens = re.findall(r"`([^`\s]+)`", text)
+    return [t for t in tokens if "/" in t and t.split("/")[0] in TOP_LEVEL and "://" not in t]
+
+
+def _links(text: str) -> list[str]:
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def _slug(heading: str) -> str:
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_architecture_doc_names_only_what_exists_and_links_only_inside() -> None:
+    """docs/architecture.md (the map, the recipes): every file or directory it names exists (a file to create is
+    written with a ``<placeholder>`` and needs its directory), and every link stays in the repository."""
+    text = ARCHITECTURE.read_text()
+    anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+    paths = _named_paths(text)
+    assert len(paths) > 30  # the map and the recipes are checked, not an empty match
+    for path in paths:
+        if "<" in path:
+            assert (ROOT / path.split("<")[0]).is_dir(), path
+        elif not (ROOT / path).exists():  # `tasks/caching.code_digest`: a module and a name it defines
+            folder, _, last = path.rpartition("/")
+            module, _, name = last.partition(".")
+            file = ROOT / folder / f"{module}.py"
+            assert name and file.is_file(), path
+            assert re.search(rf"^(\s*(def|class) {name}\b|{name}\s*[:=])", file.read_text(), flags=re.M), path
+    for link in _links(text):
+        target, _, anchor = link.partition("#")
+        assert "://" not in target and not target.startswith(("/", "mailto:")), f"leaves the repository: {link}"
+        if target:
+            resolved = (ARCHITECTURE.parent / target).resolve()
+            assert resolved.is_relative_to(ROOT) and resolved.exists(), f"no such file in the repository: {link}"
+        else:
+            assert anchor in anchors, f"no heading for {link}"
+
+
+def test_architecture_map_reaches_the_loss_in_five_hops() -> None:
+    """The map from ``bitdistill run --set kd.temperature=2`` to the loss: at most five numbered hops, from the
+    entry point to bitnet/objectives.py, each naming where it is."""
+    section = ARCHITECTURE.read_text().split("## From the CLI to the loss", 1)[1].split("\n## ", 1)[0]
+    hops = [line for line in section.splitlines() if line[:1].isdigit() and line[1:3] == ". "]
+    assert 1 < len(hops) <= 5
+    assert hops[0].startswith("1. `flows/cli.py`") and hops[-1].startswith(f"{len(hops)}. `bitnet/objectives.py`")
+    for recipe in ("Adding a stage", "Adding a model family", "Adding a compute backend", "Adding a kernel"):
+        assert f"### {recipe}\n" in ARCHITECTURE.read_text()
+
+
+def test_ci_runs_ruff_and_the_import_layer_test() -> None:
+    """.ci/run is `make test`, which runs ``ruff check .`` and the whole of tests/ (this file included)."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "ruff check ." in recipe and "-m pytest" in recipe and "--ignore" not in recipe
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
+    assert any(r.startswith("ruff") for r in pyproject["project"]["optional-dependencies"]["test"])
+    assert any(line.startswith("ruff==") for line in (ROOT / "requirements.lock").read_text().splitlines())

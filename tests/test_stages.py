@@ -251,3 +251,31 @@ def test_freshly_converted_detects_trained_students(teacher_and_student) -> None
     with torch.no_grad():
         bit_linears(s)[3][1].weight[0, 0] += 1e-3  # any training step moves a latent weight
     assert not freshly_converted(s, t)
+
+
+def test_group_learned_student_trains_resumes_and_keeps_scales_in_lrc(teacher_and_student, small_world,
+                                                                     tmp_path: Path) -> None:
+    """A calibrated student with learned group scales through CPT (scales trained, saved, reloaded exactly; a re-run
+    of the finished stage reuses it) and LRC (adapters only: the weights *and* the learned scales stay frozen)."""
+    teacher, _ = teacher_and_student
+    convert = ConvertConfig.model_validate({
+        "bitnet": {"subln": "none", "weight_scale": "group", "scale_rule": "learned", "group_size": 128},
+        "calibration": {"enabled": True, "blocks": 8}})
+    student = tmp_path / "student"
+    run_stage("convert", convert, {"teacher": teacher, "world": small_world.root}, student)
+    start = load_student(student)
+    assert all(m.scale_group == 128 and m.weight_scales is not None for _, m in bit_linears(start))
+    run_student_stage(CPTConfig(lambda_warmup_steps=0, train=short(4, ckpt_every=2), data=DATA), student, teacher,
+                      small_world, tmp_path / "cpt")
+    trained = load_student(tmp_path / "cpt")
+    pairs = list(zip(bit_linears(start), bit_linears(trained), strict=True))
+    assert any(not torch.equal(a.weight_scales, b.weight_scales) for (_, a), (_, b) in pairs)
+    again = run_student_stage(CPTConfig(lambda_warmup_steps=0, train=short(4, ckpt_every=2), data=DATA), student,
+                              teacher, small_world, tmp_path / "cpt")  # finished: reused, not retrained
+    assert again["steps"] == 4
+    run_student_stage(LRCConfig(rank=4, calib_batches=2, train=short(2), data=DATA), tmp_path / "cpt", teacher,
+                      small_world, tmp_path / "lrc")
+    corrected = dict(bit_linears(load_student(tmp_path / "lrc")))
+    for name, layer in bit_linears(trained):
+        assert torch.equal(corrected[name].weight_scales, layer.weight_scales), name
+        assert torch.equal(corrected[name].ternary_weight().codes, layer.ternary_weight().codes), name

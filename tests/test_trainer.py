@@ -67,8 +67,8 @@ def test_lr_schedule_warmup_then_cosine() -> None:
 def test_training_lowers_validation_loss(small_world, tmp_path: Path) -> None:
     model = tiny_lm(small_world.info["vocab_size"])
     train, val = small_world.dataset("train"), small_world.dataset("validation")
-    cfg = TrainConfig(max_steps=30, lr=3e-3, warmup_steps=3, eval_batches=4, log_every=5, progress=False)
-    trainer = Trainer(model, BlockLoader(train, 8), cfg, tmp_path, val_batches=lambda: iter_eval_batches(val, 4))
+    cfg = TrainConfig(max_steps=30, lr=3e-3, warmup_steps=3, log_every=5, progress=False)
+    trainer = Trainer(model, BlockLoader(train, 8), cfg, tmp_path, val_batches=lambda: iter_eval_batches(val, 4, 4))
     before = trainer.evaluate()
     result = trainer.fit()
     assert result.steps == 30 and result.tokens == 30 * 8 * 64
@@ -289,3 +289,21 @@ def test_two_step_run_with_longer_default_warmup(small_world, tmp_path: Path) ->
         tiny_lm(small_world.info["vocab_size"]), BlockLoader(small_world.dataset("train"), 2), cfg, tmp_path
     ).fit()
     assert result.steps == 2 and [r["lr"] for r in result.history] == pytest.approx([1.5e-4, 3e-4])
+
+
+def test_shared_schedule_windows_equal_one_schedule() -> None:
+    """``lr_schedule: shared``: layer-wise, CPT and KD take consecutive windows of one warm-up + cosine schedule, so
+    the LR over the three stages is exactly the LR of one run of their summed steps (no restart at a stage start)."""
+    from flows.config import pipeline_config
+
+    cfg = pipeline_config(preset_name="smollm2-135m", sets=["lr_schedule=shared"])
+    stages = [cfg.step(n).train for n in ("layerwise", "cpt", "kd")]
+    total = sum(t.max_steps for t in stages)
+    whole = lr_lambda(stages[0].model_copy(update={"max_steps": total, "schedule_start": 0, "schedule_steps": None}))
+    windows = [lr_lambda(t)(i) for t in stages for i in range(t.max_steps)]
+    assert windows == [whole(i) for i in range(total)]
+    per_stage = pipeline_config(preset_name="smollm2-135m")
+    assert lr_lambda(per_stage.cpt.train)(0) < lr_lambda(per_stage.cpt.train)(per_stage.cpt.train.warmup_steps)
+    assert cfg.lrc.train.schedule_steps is None  # LRC corrects afterwards on its own schedule
+    with pytest.raises(ValueError, match="exceeds schedule_steps"):
+        TrainConfig(max_steps=10, schedule_start=5, schedule_steps=12)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import gguf
 import torch
@@ -42,6 +42,7 @@ from bitnet.export.plan import (
     entries,
     plan_export,
 )
+from bitnet.export.quants import DeltaMode, EmbeddingType, Fallback, WeightType
 from bitnet.export.vocab import vocab_metadata
 from bitnet.export.writer import (
     CHECKSUM_KEY,
@@ -53,9 +54,6 @@ from bitnet.export.writer import (
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-WeightType = Literal["tq2_0", "tq1_0", "q4_0", "q8_0", "f16"]
-EmbeddingType = Literal["f16", "f32", "q8_0", "q6_k"]
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BITNET]  # "bitnet"
 
@@ -163,8 +161,8 @@ def export_gguf(
     name: str = "bitdistill-student",
     lora_out: str | Path | None = None,
     arch: str = "auto",
-    delta: Literal["auto", "tensor", "fold"] = "auto",
-    fallback: Literal["auto", "q4_0", "q8_0"] = "auto",
+    delta: DeltaMode = "auto",
+    fallback: Fallback = "auto",
 ) -> ExportResult:
     """Write the student (a module or a student directory) as a llama.cpp GGUF at ``out``.
 

@@ -81,6 +81,9 @@ def check_hf_bitnet(model: nn.Module) -> None:
         if isinstance(layer, BitLinear):
             if layer.quant_lambda != 1.0:
                 raise _unsupported(f"{name} has quant_lambda {layer.quant_lambda} < 1")
+            if layer.scale_group:
+                raise _unsupported(f"{name} has one scale per {layer.scale_group} values (BitNetForCausalLM holds one "
+                                   "weight_scale per matrix; the GGUF export writes group scales exactly)")
             if layer.bias is not None:
                 raise _unsupported(f"{name} has a bias")
             if layer.out_features % 4:

@@ -40,6 +40,7 @@ from bitnet.export.names import LAYER_MATRICES, T, tensor_name
 from bitnet.export.plan import (
     ExportHParams,
     check_exportable,
+    grouped_scales,
     permute_rows,
     resolve_delta,
     row_permutation,
@@ -81,7 +82,7 @@ def export_lrc_adapter(model: nn.Module, out: str | Path, *, name: str = "bitdis
     if cfg is None or not cfg.lrc_rank:
         raise UnsupportedExportError("the student has no LRC adapters to export")
     hp = hparams if hparams is not None else check_exportable(model)
-    delta = resolve_delta(hp.arch, delta)
+    delta = resolve_delta(hp.arch, delta, grouped_scales(model))
     pairs = lrc_pairs(model, hp, delta)
     if not pairs:
         raise UnsupportedExportError("the student has no LRC adapters to export")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import gguf
 import numpy as np
@@ -42,9 +41,15 @@ from bitnet.export.names import (
     tensor_name,
 )
 from bitnet.export.quants import (
+    DELTA_MODES,
     EMBEDDING_QTYPES,
+    EMBEDDING_TYPES,
+    FALLBACKS,
     TERNARY_QTYPES,
     VEC_DOT,
+    WEIGHT_TYPES,
+    DeltaMode,
+    Fallback,
     bits_per_weight,
     block_size,
     pack_ternary,
@@ -52,12 +57,8 @@ from bitnet.export.quants import (
 )
 from bitnet.families import UnsupportedFamilyError, family_of, graph_names, graphs
 from bitnet.families.base import ATTN_PROJS, Features, Graph, ModelFamily
-from bitnet.layers import BitLinear, BitLinearLRC
+from bitnet.layers import BitLinear, BitLinearLRC, TernaryWeight, bit_linears
 
-DeltaMode = Literal["auto", "tensor", "fold"]
-Fallback = Literal["auto", "q4_0", "q8_0"]
-WEIGHT_TYPES: tuple[str, ...] = ("tq2_0", "tq1_0", "q4_0", "q8_0", "f16")
-EMBEDDING_TYPES: tuple[str, ...] = ("f16", "f32", "q8_0", "q6_k")
 # measured (benchmarks/gguf_speed.py smollm2, docs/export.md): with the 576-wide rows of SmolLM2 as Q4_0 the student
 # decodes at 1.79× the F16 teacher, as Q8_0 at 1.63× (1 thread; 2 threads 1.79× vs 1.17×), and the file is 32 % smaller
 FALLBACK_BY_SPEED = "q4_0"
@@ -320,6 +321,8 @@ def _check_every_parameter_mapped(model: nn.Module, layers: nn.ModuleList, graph
                 mapped.add(id(m.bias))
             if m.sub_norm is not None:
                 mapped.add(id(m.sub_norm.weight))
+            if m.weight_scales is not None:  # learned scales: the fp16 block scales of the ternary matrix
+                mapped.add(id(m.weight_scales))
             if isinstance(m, BitLinearLRC):  # shipped as a LoRA adapter, see bitnet.export.lora
                 mapped.update({id(m.lrc_u), id(m.lrc_v)})
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -346,10 +349,10 @@ def _check_options(weight_type: str, embedding_type: str, delta: str, fallback: 
     if embedding_type not in EMBEDDING_TYPES:
         raise UnsupportedExportError(
             f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {embedding_type!r}")
-    if delta not in ("auto", "tensor", "fold"):
-        raise UnsupportedExportError(f"delta must be auto, tensor or fold, got {delta!r}")
-    if fallback not in ("auto", "q4_0", "q8_0"):
-        raise UnsupportedExportError(f"fallback must be auto, q4_0 or q8_0, got {fallback!r}")
+    if delta not in DELTA_MODES:
+        raise UnsupportedExportError(f"delta must be one of {', '.join(DELTA_MODES)}, got {delta!r}")
+    if fallback not in FALLBACKS:
+        raise UnsupportedExportError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
     blk = block_size(EMBEDDING_QTYPES[embedding_type])
     if n_embd % blk:
         raise UnsupportedExportError(f"embedding type {embedding_type} needs a width that is a multiple of {blk}; "
@@ -395,11 +398,19 @@ def _ternary_entries(layer: BitLinear, kind: gguf.MODEL_TENSOR, i: int, path: st
             cache["tw"] = layer.ternary_weight()
         return cache["tw"]
 
+    group = layer.scale_group
+    if group and wt != "f16" and group % block_size(qtype):
+        raise UnsupportedExportError(
+            f"layer {i} {path}: one scale per {group} values cannot be written exactly as {wt.upper()} blocks of "
+            f"{block_size(qtype)}: convert with a group size that is a multiple of the block")
+
     def make() -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
         codes = tw().codes.cpu().numpy()
+        d: float | np.ndarray = 1.0 if delta == "tensor" else block_scales(tw(), 1 if wt == "f16" else
+                                                                           block_size(qtype))
         if heads is not None:
             codes = permute_rows(codes, heads)
-        d = 1.0 if delta == "tensor" else tw().scale
+            d = permute_rows(d, heads) if isinstance(d, np.ndarray) else d
         data = pack_ternary(codes, qtype, d)
         return data, (None if wt == "f16" else qtype)
 
@@ -448,9 +459,29 @@ def entries(model: nn.Module, hp: ExportHParams, *, weight_type: str, embedding_
             yield from _ternary_entries(layer, kind, i, path, hp, weight_type, fallback, delta)
 
 
-def resolve_delta(arch: str, delta: str) -> str:
-    """``auto``: Δ in an exact F32 ``.scale`` where the graph applies it to every matrix, else in the block scales."""
+def block_scales(tw: TernaryWeight, block: int) -> float | np.ndarray:
+    """The fp16 block scales of a ternary matrix in blocks of ``block`` values: Δ (one float) for a per-tensor scale,
+    else (rows, blocks) with each group's scale repeated over the blocks of the group (the group is a multiple of
+    the block, checked by the caller)."""
+    if not tw.group:
+        return tw.scale
+    return np.repeat(tw.scales.float().cpu().numpy(), tw.group // block, axis=1)
+
+
+def grouped_scales(model: nn.Module) -> bool:
+    """Whether a student has per-group weight scales (they can only go into the block scales: ``delta="fold"``)."""
+    return any(layer.scale_group for _, layer in bit_linears(model))
+
+
+def resolve_delta(arch: str, delta: str, grouped: bool = False) -> str:
+    """``auto``: Δ in an exact F32 ``.scale`` where the graph applies it to every matrix, else in the block scales.
+    Per-group scales always go into the block scales (a ``.scale`` tensor holds one value per matrix)."""
     scales = graphs()[arch].scale_tensors
+    if grouped:
+        if delta == "tensor":
+            raise unsupported("the student has one scale per group; a .scale tensor holds one per matrix: "
+                              "use delta 'fold' (or auto)", arch)
+        return "fold"
     if delta == "auto":
         return "tensor" if scales else "fold"
     if delta == "tensor" and not scales:
@@ -464,7 +495,7 @@ def plan_export(model: nn.Module, *, weight_type: str = "tq2_0", embedding_type:
     """The plan for ``model`` (for ``bitdistill export --plan``): nothing is computed or written."""
     hp = check_exportable(model, weight_type, arch)
     _check_options(weight_type, embedding_type, delta, fallback, hp.n_embd)
-    delta = resolve_delta(hp.arch, delta)
+    delta = resolve_delta(hp.arch, delta, grouped_scales(model))
     plan = ExportPlan(hp.arch, hp, weight_type, embedding_type, delta)
     plan.tensors = [e.plan for e in entries(model, hp, weight_type=weight_type, embedding_type=embedding_type,
                                             delta=delta, fallback=fallback)]

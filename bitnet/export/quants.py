@@ -19,14 +19,21 @@ Q4_0 with ``d = max/−8``: lossy for ternary weights (one sign comes back as ±
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import gguf
 import numpy as np
 
 Q = gguf.GGMLQuantizationType
-TernaryType = Literal["tq2_0", "tq1_0", "q4_0", "q8_0", "f16"]
-EmbeddingType = Literal["f32", "f16", "q8_0", "q6_k"]
+# The export options, spelled here only: the ExportConfig fields, export_gguf/plan_export and the CLI choices use these.
+WeightType = Literal["tq2_0", "tq1_0", "q4_0", "q8_0", "f16"]  # preferred type of the ternary matrices
+EmbeddingType = Literal["f16", "f32", "q8_0", "q6_k"]  # token embedding / output matrix
+Fallback = Literal["auto", "q4_0", "q8_0"]  # exact type of ternary rows TQ2_0/TQ1_0 cannot hold
+DeltaMode = Literal["auto", "tensor", "fold"]  # Δ as an exact .scale tensor or folded into the block scales
+WEIGHT_TYPES: tuple[str, ...] = get_args(WeightType)
+EMBEDDING_TYPES: tuple[str, ...] = get_args(EmbeddingType)
+FALLBACKS: tuple[str, ...] = get_args(Fallback)
+DELTA_MODES: tuple[str, ...] = get_args(DeltaMode)
 
 TERNARY_QTYPES: dict[str, gguf.GGMLQuantizationType] = {
     "tq2_0": Q.TQ2_0, "tq1_0": Q.TQ1_0, "q4_0": Q.Q4_0, "q8_0": Q.Q8_0, "f16": Q.F16,
@@ -45,20 +52,26 @@ def bits_per_weight(qtype: gguf.GGMLQuantizationType) -> float:
     return 8.0 * size / blk
 
 
-def _fp16_bytes(d: float) -> np.ndarray:
-    return np.array([d], dtype=np.float16).view(np.uint8)
+def _fp16_bytes(d: float | np.ndarray) -> np.ndarray:
+    """fp16 bytes of a scale (shape (2,)) or of per-block scales (rows, blocks) → (rows, blocks, 2)."""
+    a = np.asarray(d, dtype=np.float16)
+    return np.ascontiguousarray(a.reshape(-1) if a.ndim == 0 else a).view(np.uint8).reshape(*a.shape, 2)
 
 
-def pack_ternary(codes: np.ndarray, qtype: gguf.GGMLQuantizationType, d: float = 1.0) -> np.ndarray:
-    """Codes (rows × n, int8 in {−1, 0, 1}) as ``qtype`` blocks with block scale ``d``: uint8 (rows × bytes), or F16."""
+def pack_ternary(codes: np.ndarray, qtype: gguf.GGMLQuantizationType, d: float | np.ndarray = 1.0) -> np.ndarray:
+    """Codes (rows × n, int8 in {−1, 0, 1}) as ``qtype`` blocks with block scale ``d``: uint8 (rows × bytes), or F16.
+    ``d`` is one scale, or one per block (rows × n / block; for F16 one per value)."""
     codes = np.ascontiguousarray(codes, dtype=np.int8)
     rows, n = codes.shape
     if qtype == Q.F16:
-        return (codes.astype(np.float32) * np.float32(np.float16(d))).astype(np.float16)
+        scale = np.asarray(d, dtype=np.float16).astype(np.float32)
+        return (codes.astype(np.float32) * scale).astype(np.float16)
     blk, size = gguf.GGML_QUANT_SIZES[qtype]
     if n % blk:
         raise ValueError(f"a row of {n} values does not split into {qtype.name} blocks of {blk}")
     nb = n // blk
+    if np.ndim(d) and np.shape(d) != (rows, nb):
+        raise ValueError(f"block scales of shape {np.shape(d)} do not fit {rows} rows of {nb} {qtype.name} blocks")
     if qtype in (Q.TQ2_0, Q.TQ1_0):  # the gguf packers are exact for codes (block scale max|c| ∈ {0, 1}); d is last
         out = gguf.quants.quantize(codes.astype(np.float32), qtype).reshape(rows, nb, size)
         out[:, :, -2:] = _fp16_bytes(d)

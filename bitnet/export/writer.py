@@ -80,17 +80,32 @@ def _patch_checksum(path: str) -> None:
 
 
 def atomic_gguf_write(path: Path, fill: Callable[[gguf.GGUFWriter], None], arch: str) -> None:
-    """Create a GGUF at ``path`` through a temporary sibling file, its checksum patched in, and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Create a GGUF at ``path`` through a temporary sibling file, its checksum patched in, and ``os.replace``.
+
+    A symbolic link ``path`` is written through (its target is replaced); temporaries of killed writers in the
+    directory are swept first; a full disk is a one-line :class:`bitnet.io.DiskFullError` and leaves ``path`` as
+    it was."""
+    from bitnet.io import _umask, disk_full_error, is_disk_full, sweep_temporaries, temp_name, through_link, tree_bytes
+
+    path = through_link(path)
+    expected = tree_bytes(path)  # the file it replaces, until the tensors are known
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_name(path.name), dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets; a GGUF gets the usual permissions
+    except OSError as e:
+        if is_disk_full(e, path.parent):
+            raise disk_full_error(e, path, needed=expected) from e
+        raise
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         try:
             writer.add_string(PRODUCER_KEY, producer())
             writer.add_string(CHECKSUM_KEY, PLACEHOLDER.decode())
             fill(writer)
+            expected = sum(t.nbytes for shard in writer.tensors for t in shard.values()) or expected
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -98,8 +113,12 @@ def atomic_gguf_write(path: Path, fill: Callable[[gguf.GGUFWriter], None], arch:
             writer.close()
         _patch_checksum(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = tree_bytes(tmp)
+        full = is_disk_full(e, tmp)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(e, path, needed=expected, written=written) from e
         raise
 
 

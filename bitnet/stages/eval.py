@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bitnet.data import iter_eval_batches
 from bitnet.data.tokenizer import load_tokenizer
 from bitnet.evaluate import (
-    HarnessConfig,
+    HarnessOptions,
     compare_to_teacher,
     evaluate_model,
     gguf_perplexity,
@@ -40,9 +40,11 @@ class EvalConfig(BaseModel):
 
     split: Literal["test", "validation"] = "test"
     batch_size: int = Field(default=16, ge=1)
-    max_batches: int | None = Field(default=32, ge=1, description="cap on held-out batches")
+    max_batches: int | None = Field(default=32, ge=1, description="cap on held-out batches: every perplexity of "
+                                    "the stage, the harness's included (None: the whole split)")
     teacher_gguf: bool = Field(default=True, description="also the teacher's source GGUF through llama.cpp")
-    harness: HarnessConfig | None = Field(default=None, description="lm-eval tasks of the student (unset: none)")
+    harness: HarnessOptions | None = Field(default=None, description="lm-eval tasks of the student (unset: none); "
+                                           "on the stage's split and max_batches")
 
 
 def run(cfg: EvalConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
@@ -68,9 +70,10 @@ def run(cfg: EvalConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
     if cfg.harness is not None and "student" in inputs:
         student_dir = model_dir(inputs["student"])
         scratch = out / HARNESS_SCRATCH
+        max_blocks = None if cfg.max_batches is None else cfg.max_batches * cfg.batch_size  # the rows of batches()
         try:
             res = evaluate_model(load_student(student_dir), load_tokenizer(student_dir), data, scratch, cfg.harness,
-                                 name="student")
+                                 name="student", max_blocks=max_blocks)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         metrics["harness_seconds"] = res.info.pop("seconds", None)  # a run record, not a result

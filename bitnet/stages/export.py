@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bitnet.export.gguf import EmbeddingType, WeightType, export_gguf
+from bitnet.export.gguf import export_gguf
+from bitnet.export.quants import EmbeddingType, Fallback, WeightType
 from bitnet.families import graph_names
 from bitnet.stages.base import Inputs, Stage, model_dir
 
@@ -22,7 +23,7 @@ class ExportConfig(BaseModel):
     tokenizer_pre: str | None = Field(default=None, description="llama.cpp pre-tokenizer when it cannot be inferred")
     arch: str = Field(default="auto", description="llama.cpp graph (auto or one of bitnet.families.graph_names()): "
                       "auto = the family's SubLN graph (bitnet) for SubLN students, its native one without SubLN")
-    fallback: Literal["auto", "q4_0", "q8_0"] = Field(
+    fallback: Fallback = Field(
         default="auto", description="exact type for ternary rows that TQ2_0/TQ1_0 cannot hold (not a multiple of 256)")
 
     @field_validator("arch")

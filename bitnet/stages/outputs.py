@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from bitnet.io import OverwriteRefusedError, content_digest, sha256_json, write_json_atomic
+from bitnet.io import OverwriteRefusedError, content_digest, sha256_json, sweep_temporaries, write_json_atomic
 
 STAGE_RECORD = "stage.json"
 TRAIN_DIR = "train"
@@ -153,25 +153,29 @@ _STALE = re.compile(r"^\..+\.(tmp|old)-[^/]+$")
 
 def sweep_stale(out: str | Path) -> list[str]:
     """Remove temporary directories killed runs left: ``.NAME.tmp-*`` / ``.NAME.old-*`` inside ``out`` and those of
-    ``out`` itself next to it (``bitnet.io.atomic_dir``). Call it holding the output's lock."""
+    ``out`` itself next to it (``bitnet.io.atomic_dir``), and any temporary of a killed writer next to ``out``
+    (``bitnet.io.sweep_temporaries``, e.g. the nested one of a killed world build). Call it holding the output's
+    lock."""
     out = Path(out)
+    swept = sweep_temporaries(out.parent) if out.parent.is_dir() else []
     found: list[Path] = []
     if out.is_dir():
         found += [p for p in out.iterdir() if _STALE.match(p.name)]
     if out.parent.is_dir():
         found += [p for p in out.parent.iterdir()
                   if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")) and not _alive(p)]
+        found += [p for p in [out.parent / f".{out.name}.out-lock"] if p.is_file()]  # where locks were before 2026-12
     for p in found:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if found:
         log.warning("removed %d stale temporary director%s of killed runs: %s", len(found),
                     "y" if len(found) == 1 else "ies", ", ".join(str(p) for p in found))
-    return [str(p) for p in found]
+    return swept + [str(p) for p in found]
 
 
 def _alive(p: Path) -> bool:
     """An ``.old-PID`` directory of a process that still runs is not stale."""
-    m = re.search(r"\.old-(\d+)$", p.name)
+    m = re.search(r"\.old-(\d+)(?:@[A-Za-z0-9-]*)?$", p.name)
     if not m:
         return False
     try:

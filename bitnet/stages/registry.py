@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from bitnet.io import atomic_dir, file_lock, finite, write_json_atomic
+from bitnet.io import atomic_dir, finite, output_lock, through_link, write_json_atomic
 from bitnet.stages import convert, cpt, export, kd, layerwise, lrc, select, teacher, world
 from bitnet.stages import eval as evaluation
 from bitnet.stages.base import Inputs, Stage
@@ -38,19 +38,20 @@ def run_stage(name: str, cfg: BaseModel, inputs: Inputs, out: str | Path) -> dic
     ``out`` is claimed first (``bitnet.stages.outputs``): a directory of another command, stage, config or inputs
     is refused, a finished output of the same identity is reused as it is. Stages that do not train are built in a
     temporary directory next to ``out`` and swapped in on success; training stages write in place (they resume
-    from ``out/train``) and save their model atomically, so a failure never destroys a previous output.
+    from ``out/train``) and save their model atomically, so a failure never destroys a previous output. A symbolic
+    link ``out`` is written through (its target is the output); the lock lives under ``bitnet.io.data_home()``.
     """
     st = stage(name)
     if not isinstance(cfg, st.config):
         raise TypeError(f"stage {name} takes a {st.config.__name__}, got {type(cfg).__name__}")
     st.check_inputs(inputs)
-    out = Path(out)
+    out = through_link(out)
     local = {k: Path(v) for k, v in inputs.items()}
     identity = stage_identity(name, cfg.model_dump(mode="json"), st.fingerprint(cfg) if st.fingerprint else None,
                               local)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every rank must run (collectives); rank 0 writes
         return _run_distributed(st, cfg, local, out, identity)
-    with file_lock(out.parent / f".{out.name}.out-lock", what=str(out)):
+    with output_lock(out):
         claim = claim_output(out, name, identity)
         sweep_stale(out)
         if claim == "finished":

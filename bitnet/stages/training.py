@@ -48,7 +48,8 @@ class StageData(BaseModel):
 
     batch_size: int = Field(default=8, ge=1, description="blocks per micro-batch per process")
     eval_batch_size: int = Field(default=16, ge=1)
-    eval_max_batches: int | None = Field(default=8, ge=1, description="cap on held-out batches for perplexity")
+    eval_max_batches: int | None = Field(default=8, ge=1, description="cap on held-out batches: the validation "
+                                         "during training and the perplexities after it (None: the whole split)")
     train_data: str | None = Field(
         default=None,
         description="a packed dataset to train on instead of the world's train split "
@@ -128,7 +129,8 @@ def train_and_save(
     loader = BlockLoader(stage_train_data(data, world), data.batch_size, seed=train.seed, rank=proc.rank,
                          world_size=proc.world_size)
     trainer = Trainer(model, loader, train, out / "train", loss_fn=loss_fn,
-                      val_batches=lambda: iter_eval_batches(val, data.eval_batch_size), callbacks=list(callbacks),
+                      val_batches=lambda: iter_eval_batches(val, data.eval_batch_size, data.eval_max_batches),
+                      callbacks=list(callbacks),
                       device=proc.device, desc=desc, identity=run_identity(out))
     result = trainer.fit()
     metrics: dict[str, Any] = {"steps": result.steps, "tokens": result.tokens, "train_loss": result.train_loss,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import bitnet.stages.registry  # noqa: F401 — before the race: the stages' imports take seconds
 from tasks.artifacts import ArtifactStore
-from tasks.compute import ComputeConfig, run_request
+from tasks.compute import LocalCompute, run_request
 from tasks.execute import StageRequest
 
 
@@ -34,7 +34,7 @@ def main() -> int:
     store = ArtifactStore.from_config(req.store)
     ref = store.lookup(req.stage, req.key)
     if ref is None:
-        ref = run_request(ComputeConfig(), req, log)
+        ref = run_request(LocalCompute(), req, log)
     else:
         log.info("%s: %s holds a valid manifest; reusing it", req.stage, ref.uri)
     print(ref.model_dump_json(), flush=True)

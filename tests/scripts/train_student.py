@@ -87,7 +87,7 @@ def main() -> None:
     tok = world.tokenizer()
     student, teacher = tiny_pair(len(tok), tok.eos_token_id, args.dropout)
     cfg = TrainConfig(max_steps=args.steps, lr=3e-3, warmup_steps=2, ckpt_every=args.ckpt_every,
-                      keep_checkpoints=args.keep, eval_every=3, eval_batches=2, log_every=1, progress=False,
+                      keep_checkpoints=args.keep, eval_every=3, log_every=1, progress=False,
                       parallel=args.parallel)
     callbacks = []
     if args.loss == "cpt":
@@ -121,8 +121,9 @@ def main() -> None:
     callbacks.append(hooks)
     loader = BlockLoader(world.dataset("train"), args.batch_size, seed=7, rank=rank, world_size=world_size)
     val = world.dataset("validation")
-    trainer = Trainer(student, loader, cfg, args.out, loss_fn=loss_fn, val_batches=lambda: iter_eval_batches(val, 2),
-                      callbacks=callbacks, device=device, desc=f"{args.parallel}-{args.loss}")
+    trainer = Trainer(student, loader, cfg, args.out, loss_fn=loss_fn,
+                      val_batches=lambda: iter_eval_batches(val, 2, 2), callbacks=callbacks, device=device,
+                      desc=f"{args.parallel}-{args.loss}")
     holder["t"] = trainer
     result = trainer.fit()
     state = trainer.full_state_dict()

@@ -44,14 +44,14 @@ def main() -> None:
     model.config.attention_dropout = args.dropout
     loader = BlockLoader(world.dataset("train"), args.batch_size, seed=7, rank=rank, world_size=world_size)
     cfg = TrainConfig(max_steps=args.steps, lr=3e-3, warmup_steps=2, ckpt_every=args.ckpt_every,
-                      grad_accum=args.grad_accum, eval_every=3, eval_batches=2, log_every=1, progress=False)
+                      grad_accum=args.grad_accum, eval_every=3, log_every=1, progress=False)
 
     def slow(step: int, _model: torch.nn.Module) -> None:
         if args.sleep:
             time.sleep(args.sleep)
 
     val = world.dataset("validation")
-    trainer = Trainer(model, loader, cfg, args.out, val_batches=lambda: iter_eval_batches(val, 2),
+    trainer = Trainer(model, loader, cfg, args.out, val_batches=lambda: iter_eval_batches(val, 2, 2),
                       callbacks=[slow], device=device)
     result = trainer.fit()
     if rank == 0:
