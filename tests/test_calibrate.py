@@ -134,10 +134,10 @@ def teacher(family: str = "llama") -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
 
 
-def student_of(model: torch.nn.Module, rule: str = "mse") -> torch.nn.Module:
+def student_of(model: torch.nn.Module, rule: str = "mse", **config: str) -> torch.nn.Module:
     fresh = type(model)(model.config).eval()
     fresh.load_state_dict(model.state_dict())
-    return convert_to_bitnet(fresh, BitNetConfig(scale_rule=rule, **GROUPED))
+    return convert_to_bitnet(fresh, BitNetConfig(scale_rule=rule, **{**GROUPED, **config}))
 
 
 def calibration_data(batches: int = 2, size: int = 4, seq: int = 32) -> list[torch.Tensor]:
@@ -275,8 +275,7 @@ def test_block_groups_follow_the_forward() -> None:
     from bitnet.convert import decoder_layers
 
     for subln in ("none", "all"):  # with a SubLN per layer, q/k/v still share their input (the SubLN's input)
-        fp = teacher()
-        student = convert_to_bitnet(type(fp)(fp.config).eval(), BitNetConfig(scale_rule="mse", subln=subln, **GROUPED))
+        student = student_of(teacher(), subln=subln)
         layers = decoder_layers(student)
         hidden_in, calls = capture_inputs(student, layers, calibration_data(1))
         assert block_groups(layers[0], dict(bit_linears(layers[0])), hidden_in[0], calls[0][0]) == [
@@ -299,17 +298,14 @@ def captured_hessians(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor
     return seen
 
 
-def forward_hessians(student: torch.nn.Module, data: list[torch.Tensor], int8: bool) -> dict[str, torch.Tensor]:
-    """``2·XᵀX / n`` of every BitLinear's (normed, optionally int8) input in the student's own forward."""
-    from bitnet.quant import act_quant
-
+def forward_hessians(student: torch.nn.Module, data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``2·XᵀX / n`` of every BitLinear's normed input in the student's own forward."""
     sums: dict[str, torch.Tensor] = {}
     rows = 0
 
     def hook(name):
         def pre(module, args):
-            x = module.normed_input(args[0])
-            x = (act_quant(x, module.quant_lambda) if int8 else x).float().reshape(-1, module.in_features)
+            x = module.normed_input(args[0]).float().reshape(-1, module.in_features)
             sums[name] = sums.get(name, 0) + x.t() @ x
         return pre
 
@@ -323,19 +319,17 @@ def forward_hessians(student: torch.nn.Module, data: list[torch.Tensor], int8: b
     return {n: s * (2.0 / rows) for n, s in sums.items()}
 
 
-@pytest.mark.parametrize("hessian_inputs", ["full", "int8"])
-def test_sequential_hessians_are_those_of_the_calibrated_forward(monkeypatch: pytest.MonkeyPatch,
-                                                                 hessian_inputs: str) -> None:
+@pytest.mark.parametrize("subln", ["none", "standard"])
+def test_sequential_hessians_are_those_of_the_calibrated_forward(monkeypatch: pytest.MonkeyPatch, subln: str) -> None:
     """True sequential: every layer's input depends only on layers quantized before it, so each H GPTQ got is the
     H of that layer's input in the calibrated student's own forward (o_proj: the attention of the ternary q/k/v,
-    int8 activations; down_proj: the ternary gate·up). GPTQ's one-pass scheme gives o_proj another H."""
+    int8 activations; down_proj: the ternary gate·up). GPTQ's one-pass scheme gives them other Hessians."""
     fp, data = teacher(), calibration_data()
-    int8 = hessian_inputs == "int8"
     for sequential in (True, False):
         seen = captured_hessians(monkeypatch)
-        student = student_of(fp)
-        calibrate_student(student, data, sequential=sequential, hessian_inputs=hessian_inputs)
-        reference = forward_hessians(student, data, int8)
+        student = student_of(fp, subln=subln)
+        calibrate_student(student, data, sequential=sequential)
+        reference = forward_hessians(student, data)
         assert seen.keys() == reference.keys() and len(seen) == 14
         for name, h in seen.items():
             close = torch.allclose(h, reference[name], rtol=1e-4, atol=1e-6 * float(h.abs().max()))
@@ -344,13 +338,3 @@ def test_sequential_hessians_are_those_of_the_calibrated_forward(monkeypatch: py
             elif name.endswith(("layers.0.self_attn.o_proj", "layers.0.mlp.down_proj")):
                 assert not close, name  # from the full-precision q/k/v (gate/up) instead
 
-
-def test_int8_hessians_differ_and_calibrate() -> None:
-    fp, data = teacher(), calibration_data()
-    full, int8 = student_of(fp), student_of(fp)
-    rf = calibrate_student(full, data, hessian_inputs="full")
-    ri = calibrate_student(int8, data, hessian_inputs="int8")
-    assert ri.mean_after < ri.mean_before
-    assert rf.after != ri.after
-    with pytest.raises(ValueError, match="hessian_inputs must be 'full' or 'int8'"):
-        calibrate_student(student_of(fp), data, hessian_inputs="int4")

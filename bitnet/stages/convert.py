@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -32,8 +32,6 @@ class CalibrationConfig(BaseModel):
     sequential: bool = Field(default=True, description="true sequential: each group of a block's BitLinears (q/k/v, "
                              "o, gate/up, down) calibrated on the outputs of the already quantized ones before it; "
                              "false: every H from one full-precision pass of the block")
-    hessian_inputs: Literal["full", "int8"] = Field(
-        default="full", description="H from each BitLinear's full-precision input, or its int8 fake-quantized one")
 
 
 class ConvertConfig(BaseModel):
@@ -63,8 +61,7 @@ def run(cfg: ConvertConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
         check_calibration_tokens(calib, model.config, source)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         report = calibrate_student(model.to(device), calib, damp=cfg.calibration.damp,
-                                   sequential=cfg.calibration.sequential,
-                                   hessian_inputs=cfg.calibration.hessian_inputs, progress=sys.stderr.isatty())
+                                   sequential=cfg.calibration.sequential, progress=sys.stderr.isatty())
         model.to("cpu")
         metrics.update(report.metrics())
     save_student(model, out / "model", tokenizer)
