@@ -296,13 +296,14 @@ def test_shared_schedule_windows_equal_one_schedule() -> None:
     the LR over the three stages is exactly the LR of one run of their summed steps (no restart at a stage start)."""
     from flows.config import pipeline_config
 
-    cfg = pipeline_config(preset_name="smollm2-135m", sets=["lr_schedule=shared"])
+    stages_on = ["layerwise.enabled=true", "cpt.enabled=true"]  # the preset itself trains KD only
+    cfg = pipeline_config(preset_name="smollm2-135m", sets=["lr_schedule=shared", *stages_on])
     stages = [cfg.step(n).train for n in ("layerwise", "cpt", "kd")]
     total = sum(t.max_steps for t in stages)
     whole = lr_lambda(stages[0].model_copy(update={"max_steps": total, "schedule_start": 0, "schedule_steps": None}))
     windows = [lr_lambda(t)(i) for t in stages for i in range(t.max_steps)]
     assert windows == [whole(i) for i in range(total)]
-    per_stage = pipeline_config(preset_name="smollm2-135m")
+    per_stage = pipeline_config(preset_name="smollm2-135m", sets=stages_on)
     assert lr_lambda(per_stage.cpt.train)(0) < lr_lambda(per_stage.cpt.train)(per_stage.cpt.train.warmup_steps)
     assert cfg.lrc.train.schedule_steps is None  # LRC corrects afterwards on its own schedule
     with pytest.raises(ValueError, match="exceeds schedule_steps"):
