@@ -26,10 +26,10 @@ gate/up, down), each group's ``H`` from a pass of the block with the groups befo
 activations) and the rest in full precision, so ``o_proj``'s GPTQ compensates the ternary q/k/v's error. With
 ``sequential=False`` every ``H`` of a block comes from one pass with the block's own layers in full precision
 (SmolLM2-135M, no SubLN, group scales, 16×256 calibration tokens: held-out ppl 14,249 that way, 3,575 true
-sequential, teacher 18.1). A SubLN that conversion inserted is part of the student's layer, so GPTQ matches the
-student's full-precision function, not the teacher's. The layer's latent weight becomes exactly
-``s·codes``, so the ``mse`` rule recomputes the same scales and codes from it, and ``learned`` scales start at
-``s``: the student's first forward is the calibrated ternary model.
+sequential, 6,320 true sequential with ``H`` from the int8-quantized inputs instead, teacher 18.1). A SubLN that
+conversion inserted is part of the student's layer, so GPTQ matches the student's full-precision function, not the
+teacher's. The layer's latent weight becomes exactly ``s·codes``, so the ``mse`` rule recomputes the same scales and
+codes from it, and ``learned`` scales start at ``s``: the student's first forward is the calibrated ternary model.
 """
 
 from __future__ import annotations
