@@ -142,21 +142,36 @@ def lever_rows(total: int, batch_size: int, lr: float, seed: int,
     def bitnet(rule: str, scale: str = "group") -> dict[str, Any]:
         return {"subln": "none", "weight_scale": scale, "scale_rule": rule}
 
-    def calibrated(rule: str, scale: str = "group") -> dict[str, Any]:
-        return {"bitnet": bitnet(rule, scale), "calibration": {"enabled": True, "blocks": 16}}
+    def calibrated(rule: str, scale: str = "group", **calibration: Any) -> dict[str, Any]:
+        return {"bitnet": bitnet(rule, scale), "calibration": {"enabled": True, "blocks": 16, **calibration}}
 
     def ce(steps: int = total, rate: float = lr) -> list[tuple[str, Any]]:
         return [("cpt", CPTConfig(lambda_warmup_steps=0, train=_train(steps, rate, seed), data=data))]
 
-    def kd(steps: int = total, rate: float = lr) -> list[tuple[str, Any]]:
+    def kd(steps: int = total, rate: float = lr, train: TrainConfig | None = None) -> list[tuple[str, Any]]:
         weights = kd_weights or PAPER_KD
-        return [("kd", KDConfig(objective="bitdistill", **weights, train=_train(steps, rate, seed), data=data))]
+        return [("kd", KDConfig(objective="bitdistill", **weights, train=train or _train(steps, rate, seed),
+                                data=data))]
+
+    split = total // 3  # stage 1.9's share of the budget in the rows that have one
+
+    def stage19(target: str, train: TrainConfig | None = None) -> list[tuple[str, Any]]:
+        return [("layerwise", LayerwiseConfig(target=target, train=train or _train(split, lr, seed), data=data))]
+
+    def window(steps: int, start: int) -> TrainConfig:
+        """``steps`` of one LR schedule (warm-up, cosine) over all ``total`` steps, from step ``start``."""
+        return TrainConfig.model_validate({**_train(total, lr, seed).model_dump(), "max_steps": steps,
+                                           "schedule_start": start, "schedule_steps": total})
 
     return [
         Row("PTQ, per-tensor absmean (BitNet)", "none"),
         Row("PTQ, per-group absmean", "none", convert={"bitnet": bitnet("absmean")}),
         Row("PTQ, per-group MSE-optimal scales", "none", convert={"bitnet": bitnet("mse")}),
         Row("calibrated start, per-tensor MSE scale (GPTQ)", "none", convert=calibrated("mse", "tensor")),
+        Row("calibrated start, one full-precision pass a block", "none",
+            convert=calibrated("mse", sequential=False, act_order=False)),
+        Row("calibrated start, true sequential, columns in natural order", "none",
+            convert=calibrated("mse", act_order=False)),
         Row("calibrated start (GPTQ, per-group MSE scales)", "none", convert=calibrated("mse")),
         Row("calibrated start, learned scales (= the row above at step 0)", "none", convert=calibrated("learned")),
         Row("calibrated + CE, fixed (recomputed MSE) scales", "none", ce(), convert=calibrated("mse")),
@@ -165,6 +180,12 @@ def lever_rows(total: int, batch_size: int, lr: float, seed: int,
         Row(f"calibrated + CE, learned scales, lr {lr * 4:g}", "none", ce(rate=lr * 4), convert=calibrated("learned")),
         Row("calibrated + KD, learned scales", "none", kd(), convert=calibrated("learned")),
         Row("absmean start + KD (the previous best row)", "none", kd()),
+        Row(f"calibrated + layer-wise hidden states ({split} steps) + KD, learned scales", "none",
+            stage19("hidden") + kd(total - split), convert=calibrated("learned")),
+        Row(f"calibrated + block reconstruction ({split} steps) + KD, learned scales", "none",
+            stage19("block") + kd(total - split), convert=calibrated("learned")),
+        Row("calibrated + block reconstruction + KD, one LR schedule across both stages", "none",
+            stage19("block", window(split, 0)) + kd(train=window(total - split, split)), convert=calibrated("learned")),
     ]
 
 

@@ -51,7 +51,7 @@ from bitnet.layers import BitLinear
 from bitnet.quant import act_quant, rule_scales
 from kernels.quant import expand_scales, fp16_grid, grouped_codes, mse_scales
 
-__all__ = ["CalibrationError", "CalibrationReport", "calibrate_student", "gptq_ternary", "output_error"]
+__all__ = ["CalibrationError", "CalibrationReport", "best_gptq", "calibrate_student", "gptq_ternary", "output_error"]
 
 
 class CalibrationError(ValueError):
@@ -136,19 +136,28 @@ def _one_thread(device: torch.device) -> Iterator[None]:
 
 @torch.no_grad()
 def gptq_ternary(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 0.01,
-                 block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                 block: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ onto the ternary grid with per-group MSE scales (module docstring), with lazy batch updates.
 
     ``weight`` (out, in), ``hessian`` (in, in), ``group`` values per scale (0 = one per tensor). Returns the codes
     (int8, (out, in), in {-1, 0, 1}) and the scales (float32 on the fp16 grid, (out, in // group) or (1, 1)):
-    the quantized weight is ``codes · expand_scales(scales)``. Columns in natural order; deterministic."""
+    the quantized weight is ``codes · expand_scales(scales)``. Columns in natural order, or with ``act_order`` by
+    descending ``diag(H)`` (GPTQ's ``desc_act``) with static groups: every scale chosen up front, the MSE scales of
+    the weight (dead columns zeroed), since a group's columns are then scattered. A group whose codes all end at 0
+    gets the scale the ``mse`` rule gives an all-zero group, so that ``s·codes`` gives back both. Deterministic."""
     _check_group(weight, hessian, group)
     out, n = weight.shape
-    if group == 0:
+    w, h = damped(weight, hessian, damp)
+    order = static = None
+    if act_order:
+        scales = fp16_grid(mse_scales(w, group)).reshape((1, 1) if group == 0 else (out, n // group))
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h = w[:, order], h[order][:, order]
+        static = expand_scales(scales, group, (out, n)).expand(out, n)[:, order].t().contiguous()  # (in, out)
+    elif group == 0:
         scales = fp16_grid(mse_scales(weight, 0)).reshape(1, 1).to(weight.device)
     else:
         scales = torch.zeros(out, n // group, dtype=torch.float32, device=weight.device)
-    w, h = damped(weight, hessian, damp)
     hinv = inverse_cholesky(h)
     wt = w.t().contiguous()  # column j of W is row j: every update below touches contiguous rows
     codes = torch.zeros(n, out, dtype=torch.int8, device=w.device)
@@ -161,7 +170,9 @@ def gptq_ternary(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: 
         with _one_thread(w.device):
             for i in range(i2 - i1):
                 j = i1 + i
-                if group and j % group == 0:
+                if static is not None:
+                    s = static[j]
+                elif group and j % group == 0:
                     s = fp16_grid(mse_scales(w1[i:i + group].t(), group))[:, 0]
                     scales[:, j // group] = s
                 c = torch.clamp(torch.round(w1[i] / s), -1, 1)
@@ -170,7 +181,13 @@ def gptq_ternary(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: 
                 err1[i] = e
                 codes[j] = c.to(torch.int8)
         wt[i2:] -= hinv[i1:i2, i2:].t() @ err1
-    return codes.t().contiguous(), scales
+    if order is not None:
+        codes[order] = codes.clone()
+    codes = codes.t().contiguous()
+    if group:
+        empty = codes.reshape(out, n // group, group).eq(0).all(-1)
+        scales = torch.where(empty, fp16_grid(torch.zeros_like(scales)), scales)
+    return codes, scales
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
@@ -313,11 +330,27 @@ def plain_matmuls(layers: Iterable[BitLinear], *, quantized_inputs: bool) -> Ite
 Original = tuple[BitLinear, torch.Tensor, torch.Tensor | None]  # a layer, its latent weight and learned scales
 
 
-def _quantize_layer(name: str, layer: BitLinear, h: torch.Tensor, damp: float, report: CalibrationReport,
+Quantizer = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]  # (W, H, group) → codes, s
+
+
+def best_gptq(weight: torch.Tensor, hessian: torch.Tensor, group: int, *, damp: float, act_order: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gptq_ternary` in natural order, and with ``act_order`` also by descending ``diag(H)`` (static
+    groups): the one of lower output error (natural order on a tie)."""
+    best = gptq_ternary(weight, hessian, group, damp)
+    if act_order:
+        other = gptq_ternary(weight, hessian, group, damp, act_order=True)
+        if output_error(weight, dequantize(*other, group), hessian) < output_error(weight, dequantize(*best, group),
+                                                                                      hessian):
+            best = other
+    return best
+
+
+def _quantize_layer(name: str, layer: BitLinear, h: torch.Tensor, quantize: Quantizer, report: CalibrationReport,
                     originals: list[Original]) -> None:
     """GPTQ one BitLinear and make its latent weight exactly ``s·codes`` (learned scales start at ``s``)."""
     group, w = layer.scale_group, layer.weight.detach()
-    codes, scales = gptq_ternary(w, h, group, damp)
+    codes, scales = quantize(w, h, group)
     plain_scales = rule_scales(w, group, "mse")
     q = dequantize(codes, scales, group)
     report.before[name] = output_error(w, dequantize(grouped_codes(w, plain_scales, group), plain_scales, group), h)
@@ -340,8 +373,8 @@ def _restore(originals: list[Original]) -> None:
             layer.configure_scales(layer.scale_group, "learned", learned)
 
 
-def _calibrate_block(block: nn.Module, prefix: str, hidden: list[torch.Tensor], records: list[Record], damp: float,
-                     report: CalibrationReport, originals: list[Original]) -> None:
+def _calibrate_block(block: nn.Module, prefix: str, hidden: list[torch.Tensor], records: list[Record],
+                     quantize: Quantizer, report: CalibrationReport, originals: list[Original]) -> None:
     """GPTQ's scheme: every BitLinear's ``H`` from one pass of the block in full precision over all batches, all
     checked, then GPTQ each BitLinear."""
     linears = {f"{prefix}.{n}": m for n, m in block.named_modules() if isinstance(m, BitLinear)}
@@ -355,7 +388,7 @@ def _calibrate_block(block: nn.Module, prefix: str, hidden: list[torch.Tensor], 
         hooks.remove()
     hessians = hooks.hessians()  # all of the block's checked before any of its layers is written
     for name, layer in linears.items():
-        _quantize_layer(name, layer, hessians[name], damp, report, originals)
+        _quantize_layer(name, layer, hessians[name], quantize, report, originals)
 
 
 def block_groups(block: nn.Module, linears: dict[str, BitLinear], hidden: torch.Tensor, record: Record
@@ -399,7 +432,7 @@ def _stop(module: nn.Module, args: tuple[Any, ...]) -> None:
 
 
 def _calibrate_block_sequential(block: nn.Module, prefix: str, hidden: list[torch.Tensor], records: list[Record],
-                                damp: float, report: CalibrationReport, originals: list[Original]) -> None:
+                                quantize: Quantizer, report: CalibrationReport, originals: list[Original]) -> None:
     """GPTQ's "true sequential" scheme: the block's groups of BitLinears (:func:`block_groups`) one after the other,
     each group's ``H`` gathered from a pass of the block over all batches in which the groups before it are already
     quantized (their quantized forward, int8 activations) and the rest in full precision; the pass stops at the
@@ -425,7 +458,7 @@ def _calibrate_block_sequential(block: nn.Module, prefix: str, hidden: list[torc
             hooks.remove()
         hessians = hooks.hessians()  # the group's all checked before any of its layers is written
         for name, layer in members.items():
-            _quantize_layer(name, layer, hessians[name], damp, report, originals)
+            _quantize_layer(name, layer, hessians[name], quantize, report, originals)
             done.append(layer)
 
 
@@ -450,13 +483,15 @@ def _check_student(student: nn.Module, layers: nn.ModuleList, batches: list[torc
 
 @torch.no_grad()
 def calibrate_student(student: nn.Module, batches: Iterable[torch.Tensor], *, damp: float = 0.01,
-                      sequential: bool = True, progress: bool = False) -> CalibrationReport:
+                      sequential: bool = True, act_order: bool = True, progress: bool = False) -> CalibrationReport:
     """GPTQ every BitLinear of a converted student, decoder block by decoder block, in place (module docstring).
 
     ``batches``: LongTensors (b, seq) of token ids. ``sequential``: within a block, each group of BitLinears
     calibrated on the outputs of the already quantized ones before it (:func:`_calibrate_block_sequential`); else
-    every ``H`` from one full-precision pass of the block (:func:`_calibrate_block`). Only one block's activations
-    of all batches are held at a time. On any failure the student is left as it was."""
+    every ``H`` from one full-precision pass of the block (:func:`_calibrate_block`). ``act_order``: every layer
+    also by descending ``diag(H)`` with static groups, keeping the lower output error (:func:`best_gptq`). Only one
+    block's activations of all batches are held at a time. On any failure the student is left as it was."""
+    quantize = partial(best_gptq, damp=damp, act_order=act_order)
     calibrate_block = _calibrate_block_sequential if sequential else _calibrate_block
     t0 = time.perf_counter()
     data = [torch.as_tensor(b) for b in batches]
@@ -470,7 +505,7 @@ def calibrate_student(student: nn.Module, batches: Iterable[torch.Tensor], *, da
         hidden, calls = capture_inputs(student, layers, data)
         for i in tqdm(range(len(layers)), desc="calibrate", unit="layer", disable=not progress):
             records = [c[i] for c in calls]
-            calibrate_block(layers[i], names[layers[i]], hidden, records, damp, report, originals)
+            calibrate_block(layers[i], names[layers[i]], hidden, records, quantize, report, originals)
             linears = [m for m in layers[i].modules() if isinstance(m, BitLinear)]
             with plain_matmuls(linears, quantized_inputs=True):  # the quantized block's outputs feed the next one
                 for b, (rest, kwargs) in enumerate(records):

@@ -43,6 +43,34 @@ def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp
     return codes, scales
 
 
+def gptq_act_order_reference(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Act-order with static groups, one column at a time: the MSE scales of the weight (dead columns zeroed) fixed
+    up front, columns by descending diag(H), every update applied at once; an all-zero group gets fp16_grid(0)."""
+    out, n = weight.shape
+    w, h = weight.float().clone(), hessian.float().clone()
+    for j in range(n):
+        if h[j, j] == 0:
+            h[j, j], w[:, j] = 1.0, 0.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    scales = fp16_grid(mse_scales(w, group)).reshape((1, 1) if group == 0 else (out, n // group))
+    order = sorted(range(n), key=lambda j: -float(h[j, j]))  # a stable sort: ties keep their column order
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h[order][:, order].double())),
+                              upper=True).float()
+    wp = w[:, order]
+    codes = torch.zeros(out, n, dtype=torch.int8)
+    for p, j in enumerate(order):
+        s = scales[:, j // group] if group else scales[0, 0].expand(out)
+        c = torch.clamp(torch.round(wp[:, p] / s), -1, 1)
+        e = (wp[:, p] - c * s) / u[p, p]
+        wp[:, p + 1:] -= e[:, None] * u[p, p + 1:]
+        codes[:, j] = c.to(torch.int8)
+    if group:
+        empty = codes.reshape(out, n // group, group).eq(0).all(-1)
+        scales[empty] = fp16_grid(torch.zeros(1))
+    return codes, scales
+
+
 def random_problem(out: int, n: int, tokens: int = 256, dead: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight and the Hessian 2·XᵀX/n of correlated inputs (``dead`` input columns always zero)."""
     w = torch.randn(out, n) * 0.05
@@ -63,6 +91,51 @@ def test_gptq_matches_the_column_by_column_reference(group: int, block: int, dea
     assert torch.equal(fp16_grid(scales), scales)  # on the fp16 grid: the export writes exactly s·codes
     if dead:
         assert not codes[:, :dead].any()
+
+
+@pytest.mark.parametrize("group,block,dead", [(16, 8, 0), (16, 40, 3), (32, 128, 0), (0, 24, 2)])
+def test_act_order_matches_the_column_by_column_reference(group: int, block: int, dead: int) -> None:
+    w, h = random_problem(12, 96, dead=dead)
+    d = torch.linspace(0.2, 3.0, 96)[torch.randperm(96, generator=torch.Generator().manual_seed(2))].sqrt()
+    h = h * d[:, None] * d[None, :]  # input scales of very different sizes, in no particular order
+    codes, scales = gptq_ternary(w, h, group, damp=0.01, block=block, act_order=True)
+    ref_codes, ref_scales = gptq_act_order_reference(w, h, group, damp=0.01)
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(scales, ref_scales)
+    assert not torch.equal(codes, gptq_ternary(w, h, group, damp=0.01, block=block)[0])  # another order
+
+
+def test_a_group_left_all_zero_gets_the_scale_the_mse_rule_gives_back() -> None:
+    """With static groups the updates can round a whole group to 0 (here: groups of 4); its scale is then the one the
+    mse rule recomputes from s·codes, so the calibrated layer holds exactly these codes and scales."""
+    w, h = random_problem(12, 96)
+    codes, scales = gptq_ternary(w, h, 4, act_order=True)
+    empty = codes.reshape(12, 24, 4).eq(0).all(-1)
+    assert empty.any()
+    assert torch.equal(scales[empty], fp16_grid(torch.zeros(int(empty.sum()))))
+    q = dequantize(codes, scales, 4)
+    assert torch.equal(rule_scales(q, 4, "mse"), scales) and torch.equal(grouped_codes(q, scales, 4), codes)
+    ref_codes, ref_scales = gptq_act_order_reference(w, h, 4, damp=0.01)
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+
+
+def test_best_gptq_keeps_the_order_of_lower_output_error() -> None:
+    from bitnet.calibrate import best_gptq
+
+    winners = set()
+    for seed, shuffled in itertools.product(range(2), (True, False)):
+        torch.manual_seed(seed)
+        w, h = random_problem(16, 64)
+        # input scales in no order (act order wins), or already descending (the same order: static groups lose)
+        d = torch.rand(64) * 3 + 0.1 if shuffled else torch.linspace(3, 0.1, 64)
+        h = h * d[:, None] * d[None, :]
+        errors = {ao: output_error(w, dequantize(*gptq_ternary(w, h, 16, act_order=ao), 16), h) for ao in (False, True)}
+        winners.add(min(errors, key=errors.__getitem__))
+        best = best_gptq(w, h, 16, damp=0.01, act_order=True)
+        assert output_error(w, dequantize(*best, 16), h) == min(errors.values())
+        plain = best_gptq(w, h, 16, damp=0.01, act_order=False)
+        assert all(torch.equal(a, b) for a, b in zip(plain, gptq_ternary(w, h, 16)))
+    assert winners == {False, True}
 
 
 @pytest.mark.parametrize("group", [0, 16, 64])

@@ -64,9 +64,11 @@ def test_lambda_schedule() -> None:
     assert quant_lambda_at(0, 0, "linear") == 1.0
 
 
-def test_layerwise_lowers_hidden_state_loss(teacher_and_student, small_world, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["hidden", "block"])
+def test_layerwise_lowers_its_loss(teacher_and_student, small_world, tmp_path: Path, target: str) -> None:
     teacher, student = teacher_and_student
-    m = run_student_stage(LayerwiseConfig(train=short(12), data=DATA), student, teacher, small_world, tmp_path)
+    m = run_student_stage(LayerwiseConfig(target=target, train=short(12), data=DATA), student, teacher, small_world,
+                          tmp_path)
     h = history(tmp_path)
     assert m["steps"] == 12 and h[-1]["loss"] < 0.8 * h[0]["loss"], (h[0], h[-1])
     load_student(tmp_path / "model")

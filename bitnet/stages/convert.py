@@ -32,6 +32,8 @@ class CalibrationConfig(BaseModel):
     sequential: bool = Field(default=True, description="true sequential: each group of a block's BitLinears (q/k/v, "
                              "o, gate/up, down) calibrated on the outputs of the already quantized ones before it; "
                              "false: every H from one full-precision pass of the block")
+    act_order: bool = Field(default=True, description="GPTQ every BitLinear also with columns by descending diag(H) "
+                            "and static group scales, keeping the order of lower output error")
 
 
 class ConvertConfig(BaseModel):
@@ -61,7 +63,8 @@ def run(cfg: ConvertConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
         check_calibration_tokens(calib, model.config, source)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         report = calibrate_student(model.to(device), calib, damp=cfg.calibration.damp,
-                                   sequential=cfg.calibration.sequential, progress=sys.stderr.isatty())
+                                   sequential=cfg.calibration.sequential, act_order=cfg.calibration.act_order,
+                                   progress=sys.stderr.isatty())
         model.to("cpu")
         metrics.update(report.metrics())
     save_student(model, out / "model", tokenizer)
