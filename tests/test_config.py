@@ -60,6 +60,26 @@ def test_tiny_preset_is_the_plain_default_and_stage_sections_are_flat() -> None:
                                             "export")  # the order flows/bitdistill.py runs them in
 
 
+def test_pipeline_sections_derive_from_the_stage_registry() -> None:
+    """Each section is its registered stage's config + the step options, with the stage's own defaults; no
+    hand-written mirror classes, and every preset is a partial mapping over the one default tree."""
+    import flows.config
+    from bitnet.stages.registry import stage
+    from flows.config import PRESETS, StepOptions
+
+    cfg = PipelineConfig()
+    for name in PipelineConfig.stage_names():
+        section = cfg.step(name)
+        assert isinstance(section, StepOptions) and isinstance(section, stage(name).config)
+        assert section.stage_config() == stage(name).config()
+        assert PipelineConfig.model_fields[name].annotation is type(section)
+    assert not [n for n in vars(flows.config) if n.endswith("Step") and n != "StepOptions"]
+    for name, make in PRESETS.items():
+        overrides = make()
+        assert isinstance(overrides, dict) and overrides["preset"] == name
+        assert preset(name) == load_config(PipelineConfig, base=overrides)
+
+
 def test_partial_config_merges_over_its_preset() -> None:
     qwen = pipeline_config({"preset": "qwen2.5-0.5b", "kd": {"temperature": 2.0}})
     assert qwen.teacher.pretrained == "Qwen/Qwen2.5-0.5B" and qwen.kd.temperature == 2.0

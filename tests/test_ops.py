@@ -37,7 +37,7 @@ def test_preset_is_a_validated_parameter():
     assert pipeline_config(None, "qwen2.5-0.5b").cpt.train.max_steps > 100_000  # the preset's budgets, not tiny's
     assert pipeline_config({"preset": "qwen2.5-0.5b"}).cpt.train.max_steps > 100_000
     for name in PRESETS:
-        assert PRESETS[name]().preset == name  # each preset labels itself with its own name
+        assert PRESETS[name]()["preset"] == name  # each preset labels itself with its own name
     with pytest.raises(ConfigError, match="unknown preset 'nonsense'"):
         pipeline_config({"preset": "nonsense"})
     with pytest.raises(ConfigError, match="unknown preset 'nonsense'"):
