@@ -276,9 +276,9 @@ def test_disk_full_trainer_checkpoint_is_one_line_and_keeps_earlier_checkpoints(
     """CPT's checkpoints (the trainer's) go through the same one-line error; the partial checkpoint is removed."""
     import re
 
-    import bitnet.trainer
+    import bitnet.checkpoints
 
-    real, calls = bitnet.trainer.save_model, []
+    real, calls = bitnet.checkpoints.save_model, []
 
     def full_on_second(*args, **kwargs):
         calls.append(1)
@@ -286,7 +286,7 @@ def test_disk_full_trainer_checkpoint_is_one_line_and_keeps_earlier_checkpoints(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bitnet.trainer, "save_model", full_on_second)
+    monkeypatch.setattr(bitnet.checkpoints, "save_model", full_on_second)
     out = tmp_path / "cpt"
     inputs = [x for k in ("student", "teacher", "world") for x in (f"--{k}", str(kit[k]))]
     err = one_line_error(capsys, main([
