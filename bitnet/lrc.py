@@ -270,6 +270,23 @@ def calibrate_lrc(
     """
     if method not in ("closed_form", "svd"):
         raise ValueError(f"method must be 'closed_form' or 'svd', got {method!r}")
+    groups = _stat_groups(_lrc_layers(student, rank), max_stats_bytes)
+    if len(groups) > 1 and iter(batches) is batches:
+        batches = list(batches)
+    device = next(student.parameters()).device
+    was_training = student.training
+    student.eval()
+    results: dict[str, float] = {}
+    try:
+        for group in groups:
+            results.update(_calibrate_group(student, teacher, group, batches, device, method, rank, ridge))
+    finally:
+        student.train(was_training)
+    return results
+
+
+def _lrc_layers(student: nn.Module, rank: int) -> list[tuple[str, BitLinearLRC]]:
+    """The student's BitLinears as ``BitLinearLRC`` of ``rank`` (added when none has an adapter), checked."""
     layers = bit_linears(student)
     if not layers:
         raise ValueError("calibrate_lrc needs a converted BitNet student (no BitLinear found)")
@@ -284,7 +301,11 @@ def calibrate_lrc(
 
         add_lrc(student, rank)
         layers = bit_linears(student)
+    return layers  # type: ignore[return-value]
 
+
+def _stat_groups(layers: list[tuple[str, BitLinearLRC]], max_stats_bytes: int) -> list[list[tuple[str, BitLinearLRC]]]:
+    """Consecutive layers whose float64 statistics fit ``max_stats_bytes`` together (at least one layer each)."""
     groups: list[list[tuple[str, BitLinearLRC]]] = [[]]
     used = 0
     for name, layer in layers:
@@ -294,51 +315,46 @@ def calibrate_lrc(
             used = 0
         groups[-1].append((name, layer))
         used += cost
-    if len(groups) > 1 and iter(batches) is batches:
-        batches = list(batches)
+    return groups
 
-    device = next(student.parameters()).device
-    was_training = student.training
-    student.eval()
-    results: dict[str, float] = {}
+
+def _calibrate_group(student: nn.Module, teacher: nn.Module | None, group: list[tuple[str, BitLinearLRC]],
+                     batches: Iterable, device: torch.device, method: Method, rank: int, ridge: float
+                     ) -> dict[str, float]:
+    """One pass over ``batches`` gathering the statistics of ``group``'s layers, then each layer's adapter set
+    (closed form or SVD) and its relative objective improvement returned."""
+    accs: dict[str, CovarianceAccumulator] = {}
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for name, layer in group:
+        w = _reference_weight(teacher, name, layer)
+        weights[name] = (w, layer.ternary_weight().dequantize().to(layer.weight.dtype))
+        accs[name] = CovarianceAccumulator(layer.in_features, layer.out_features, device=layer.weight.device)
+
+        def hook(mod: BitLinearLRC, args: tuple, _name: str = name) -> None:
+            w_ref, wq = weights[_name]
+            accs[_name].update(mod.normed_input(args[0]), w_ref, wq)
+
+        handles.append(layer.register_forward_pre_hook(hook))
     try:
-        for group in groups:
-            accs: dict[str, CovarianceAccumulator] = {}
-            weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            handles = []
-            for name, layer in group:
-                w = _reference_weight(teacher, name, layer)
-                weights[name] = (w, layer.ternary_weight().dequantize().to(layer.weight.dtype))
-                accs[name] = CovarianceAccumulator(layer.in_features, layer.out_features, device=layer.weight.device)
-
-                def hook(
-                    mod: BitLinearLRC, args: tuple, _name: str = name, _w: dict = weights, _a: dict = accs
-                ) -> None:
-                    w_ref, wq = _w[_name]
-                    _a[_name].update(mod.normed_input(args[0]), w_ref, wq)
-
-                handles.append(layer.register_forward_pre_hook(hook))
-            try:
-                _run_batches(student, batches, device)
-            finally:
-                for h in handles:
-                    h.remove()
-            for name, layer in group:
-                acc = accs[name]
-                if acc.n_tokens == 0:
-                    raise ValueError(f"no calibration input reached {name}")
-                if method == "closed_form":
-                    u, v = init_lrc_from_stats(acc, rank, ridge=ridge, dtype=layer.weight.dtype)
-                else:
-                    u, v = lrc_svd_fallback(*weights[name], rank)
-                layer.lrc_u.copy_(u)
-                layer.lrc_v.copy_(v)
-                before = acc.objective()
-                after = acc.objective(layer.lrc_u, layer.lrc_v)
-                results[name] = 1.0 - after / before if before > 0 else 0.0
-                del accs[name]
+        _run_batches(student, batches, device)
     finally:
-        student.train(was_training)
+        for h in handles:
+            h.remove()
+    results: dict[str, float] = {}
+    for name, layer in group:
+        acc = accs.pop(name)
+        if acc.n_tokens == 0:
+            raise ValueError(f"no calibration input reached {name}")
+        if method == "closed_form":
+            u, v = init_lrc_from_stats(acc, rank, ridge=ridge, dtype=layer.weight.dtype)
+        else:
+            u, v = lrc_svd_fallback(*weights[name], rank)
+        layer.lrc_u.copy_(u)
+        layer.lrc_v.copy_(v)
+        before = acc.objective()
+        after = acc.objective(layer.lrc_u, layer.lrc_v)
+        results[name] = 1.0 - after / before if before > 0 else 0.0
     return results
 
 

@@ -180,9 +180,36 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     metadata that transformers' converters can read (the token list plus merges or scores) with as many tokens
     as the embedding has rows.
     """
+    path = Path(path)
+    reader = _open_gguf(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedGGUFArchitectureError(
+            f"{path}: GGUF architecture {arch!r} cannot be a teacher; supported: {', '.join(GGUF_ARCHITECTURES)}"
+        )
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise CorruptGGUFError(f"{path} has no token_embd.weight tensor")
+    n_vocab = int(embd.shape[-1])  # GGUF lists dimensions fastest-first: (n_embd, n_vocab)
+    tok_model, n_tokens, special_ids = _check_gguf_tokenizer(path, reader, n_vocab)
+    return GGUFInfo(
+        path=path,
+        architecture=arch,
+        name=_field(reader, "general.name"),
+        file_type=_field(reader, "general.file_type"),
+        tensors=len(reader.tensors),
+        tokenizer_model=tok_model,
+        n_tokens=n_tokens,
+        n_vocab=n_vocab,
+        special_ids=special_ids,
+    )
+
+
+def _open_gguf(path: Path) -> Any:
+    """The ``gguf`` reader of ``path``: an existing file with the GGUF magic, a header the reader parses and every
+    tensor's data inside the file (a truncated download); one-line errors otherwise."""
     import gguf
 
-    path = Path(path)
     if not path.is_file():
         raise TeacherSourceNotFoundError(f"GGUF teacher {path} does not exist")
     size = path.stat().st_size
@@ -200,15 +227,12 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
             raise CorruptGGUFError(
                 f"{path} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, the file has {size}"
             )
-    arch = _field(reader, "general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise UnsupportedGGUFArchitectureError(
-            f"{path}: GGUF architecture {arch!r} cannot be a teacher; supported: {', '.join(GGUF_ARCHITECTURES)}"
-        )
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embd is None:
-        raise CorruptGGUFError(f"{path} has no token_embd.weight tensor")
-    n_vocab = int(embd.shape[-1])  # GGUF lists dimensions fastest-first: (n_embd, n_vocab)
+    return reader
+
+
+def _check_gguf_tokenizer(path: Path, reader: Any, n_vocab: int) -> tuple[str, int, dict[str, int]]:
+    """(tokenizer model, token count, special token ids) of a GGUF whose tokenizer metadata transformers'
+    converters can read, with one token per embedding row; one-line errors otherwise."""
     tok_model = _field(reader, "tokenizer.ggml.model")
     tokens_field = reader.fields.get("tokenizer.ggml.tokens")
     n_tokens = 0 if tokens_field is None else len(tokens_field.data)
@@ -232,17 +256,7 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     bad = {name: i for name, i in special_ids.items() if not 0 <= i < n_tokens}
     if bad:
         raise GGUFTokenizerError(f"{path}: special token ids {bad} are outside the {n_tokens}-token vocabulary")
-    return GGUFInfo(
-        path=path,
-        architecture=arch,
-        name=_field(reader, "general.name"),
-        file_type=_field(reader, "general.file_type"),
-        tensors=len(reader.tensors),
-        tokenizer_model=tok_model,
-        n_tokens=n_tokens,
-        n_vocab=n_vocab,
-        special_ids=special_ids,
-    )
+    return tok_model, n_tokens, special_ids
 
 
 def load_gguf_tokenizer(path: str | Path, info: GGUFInfo | None = None) -> PreTrainedTokenizerBase:

@@ -268,7 +268,7 @@ def smollm2_135m() -> Overrides:
         "world": {"tokenizer": SMOLLM2, "seq_len": _SMOL_SEQ},
         "teacher": {"pretrained": SMOLLM2},
         "convert": {"bitnet": {"subln": "none", "weight_scale": "group", "scale_rule": "learned"},
-                    "calibration": {"enabled": True, "blocks": 16}},
+                    "calibration": {"enabled": True, "blocks": 64}},
         "layerwise": {"enabled": False, **_smol(10, 2e-4)},
         "cpt": {"enabled": False, "lambda_warmup_steps": 0, **_smol(40, 2e-4)},
         "kd": {**_SMOL_KD, **_smol(48, 2e-4)},

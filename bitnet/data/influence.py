@@ -577,6 +577,31 @@ def select_influential(
 # writing a selection
 
 
+def _check_selection(idx: np.ndarray, n: int, path: Path) -> None:
+    """A non-empty selection of distinct blocks inside ``[0, n)``; one-line :class:`DataError` otherwise."""
+    if idx.size == 0:
+        raise DataError("empty selection: no blocks to write")
+    if idx.min() < 0 or idx.max() >= n:
+        raise DataError(f"selected block index out of range [0, {n}) for {path}")
+    if np.unique(idx).size != idx.size:
+        raise DataError("selection contains duplicate block indices")
+
+
+def _copy_blocks(blocks: np.ndarray, idx: np.ndarray, path: Path, dtype: np.dtype, eos: int) -> int:
+    """Blocks ``idx`` of ``blocks`` (n, seq_len) written in order to the ``.npy`` at ``path``, streamed through a
+    memory map so that a large selection never sits in memory as a whole; returns the EOS tokens kept."""
+    seq_len = blocks.shape[1]
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(idx.size * seq_len,))
+    step, n_docs = max(1, (1 << 22) // seq_len), 0
+    for s in range(0, idx.size, step):
+        chunk = np.asarray(blocks[idx[s : s + step]], dtype=dtype)
+        out[s * seq_len : s * seq_len + chunk.size] = chunk.reshape(-1)
+        n_docs += int(np.count_nonzero(chunk == eos))
+    out.flush()
+    del out
+    return n_docs
+
+
 def write_subset(
     dataset: PackedDataset,
     indices: Sequence[int] | np.ndarray | torch.Tensor,
@@ -595,12 +620,7 @@ def write_subset(
     out_dir = Path(out_dir)
     idx = _index_array(indices, None)
     n = dataset.num_blocks
-    if idx.size == 0:
-        raise DataError("empty selection: no blocks to write")
-    if idx.min() < 0 or idx.max() >= n:
-        raise DataError(f"selected block index out of range [0, {n}) for {dataset.path}")
-    if np.unique(idx).size != idx.size:
-        raise DataError("selection contains duplicate block indices")
+    _check_selection(idx, n, dataset.path)
     m = dataset.meta
     indices_digest = hashlib.sha256(idx.tobytes()).hexdigest()
     key = sha256_json({"format": FORMAT, "subset_of": dataset.digest, "indices": indices_digest, "info": info})
@@ -608,17 +628,8 @@ def write_subset(
         return cached
     seq_len, dtype, eos = dataset.seq_len, np.dtype(m["dtype"]), m["eos_token_id"]
     blocks = dataset.tokens[: n * seq_len].reshape(n, seq_len)
-    n_docs = 0
     with atomic_dir(out_dir, marker=META_FILE) as tmp:
-        # streamed through a memory-mapped .npy: a large selection never sits in memory as a whole
-        out = np.lib.format.open_memmap(tmp / TOKENS_FILE, mode="w+", dtype=dtype, shape=(idx.size * seq_len,))
-        step = max(1, (1 << 22) // seq_len)
-        for s in range(0, idx.size, step):
-            chunk = np.asarray(blocks[idx[s : s + step]], dtype=dtype)
-            out[s * seq_len : s * seq_len + chunk.size] = chunk.reshape(-1)
-            n_docs += int(np.count_nonzero(chunk == eos))
-        out.flush()
-        del out
+        n_docs = _copy_blocks(blocks, idx, tmp / TOKENS_FILE, dtype, eos)
         np.save(tmp / INDICES_FILE, idx, allow_pickle=False)
         tokens_sha = sha256_file(tmp / TOKENS_FILE)
         meta = {

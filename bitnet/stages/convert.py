@@ -26,7 +26,7 @@ class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = False
-    blocks: int = Field(default=16, ge=1, description="calibration sequences: the first N blocks of the train split")
+    blocks: int = Field(default=64, ge=1, description="calibration sequences: the first N blocks of the train split")
     batch_size: int = Field(default=4, ge=1, description="sequences per forward pass while calibrating")
     damp: float = Field(default=0.01, gt=0, le=1, description="GPTQ damping: H + damp·mean(diag H)·I")
     sequential: bool = Field(default=True, description="true sequential: each group of a block's BitLinears (q/k/v, "
