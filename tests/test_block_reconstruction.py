@@ -76,3 +76,16 @@ def test_block_target_is_a_validated_option() -> None:
     assert LayerwiseConfig(target="block").target == "block"
     with pytest.raises(ValueError):
         LayerwiseConfig(target="blocks")
+
+
+def test_block_target_refuses_several_processes(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Under torchrun the local losses leave the embeddings and head without gradients (DDP/FSDP refuse that): a
+    one-line refusal before any process group or model is touched."""
+    from bitnet.stages.layerwise import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ValueError, match="target block runs in one process"):
+        run(LayerwiseConfig(target="block"), {}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

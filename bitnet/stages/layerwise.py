@@ -33,7 +33,7 @@ from bitnet.stages.distill import (
     train_student,
 )
 from bitnet.stages.training import Proc, StageData, schedule
-from bitnet.trainer import Batch, LossFn, TrainConfig
+from bitnet.trainer import Batch, LossFn, TrainConfig, distributed_env
 
 
 class LayerwiseConfig(BaseModel):
@@ -107,6 +107,9 @@ def block_reconstruction_loss(teacher: nn.Module, kind: str) -> LossFn:
 
 
 def run(cfg: LayerwiseConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
+    if cfg.target == "block" and distributed_env()[1] > 1:
+        raise ValueError("layerwise: target block runs in one process (its local losses leave the embeddings and the "
+                         "head without gradients, which DDP and FSDP refuse); use target hidden under torchrun")
     proc = Proc.start(cfg.train)
     student, teacher, world = load_pair(inputs, proc, cfg.train)
     check_same_depth_and_width("layerwise", student, teacher)
