@@ -272,7 +272,7 @@ def smollm2_135m() -> Overrides:
                     "calibration": {"enabled": True, "blocks": 64}},
         "layerwise": {"enabled": False, **_smol(10, 2e-4)},
         "cpt": {"enabled": False, "lambda_warmup_steps": 0, **_smol(40, 2e-4)},
-        "kd": {**_SMOL_KD, **_smol(48, 8e-4)},  # lr 8e-4: 158 ppl, 2e-4: 444 (docs/ablation-smollm2.md)
+        "kd": {**_SMOL_KD, **_smol(48, 8e-4)},  # lr 8e-4: 158 ppl, 4e-4: 254, 2e-4: 444 (docs/ablation-smollm2.md)
         "lrc": {"enabled": False, "rank": 32, "calib_batches": 4, **_smol(10, 1e-4)},
         "eval": {"batch_size": 8, "max_batches": 8,
                  "harness": {"tasks": ["bitdistill_cloze"], "limit": 100, "lm_eval_perplexity": False}},
