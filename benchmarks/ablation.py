@@ -52,7 +52,7 @@ from bitnet.stages.registry import run_stage, stage
 from bitnet.stages.training import StageData
 from bitnet.student import load_student
 from bitnet.teacher import load_teacher
-from bitnet.trainer import TrainConfig
+from bitnet.trainer import TrainConfig, share_schedule
 from bitnet.world import World, open_world
 
 
@@ -158,10 +158,9 @@ def lever_rows(total: int, batch_size: int, lr: float, seed: int,
     def stage19(target: str, train: TrainConfig | None = None) -> list[tuple[str, Any]]:
         return [("layerwise", LayerwiseConfig(target=target, train=train or _train(split, lr, seed), data=data))]
 
-    def window(steps: int, start: int) -> TrainConfig:
-        """``steps`` of one LR schedule (warm-up, cosine) over all ``total`` steps, from step ``start``."""
-        return TrainConfig.model_validate({**_train(total, lr, seed).model_dump(), "max_steps": steps,
-                                           "schedule_start": start, "schedule_steps": total})
+    # stage 1.9 then KD as windows of one schedule, with the warm-up a single stage of ``total`` steps would have
+    first = _train(split, lr, seed).model_copy(update={"warmup_steps": _train(total, lr, seed).warmup_steps})
+    shared = share_schedule([first, _train(total - split, lr, seed)])
 
     return [
         Row("PTQ, per-tensor absmean (BitNet)", "none"),
@@ -180,14 +179,14 @@ def lever_rows(total: int, batch_size: int, lr: float, seed: int,
         Row("calibrated + KD, learned scales", "none", kd(), convert=calibrated("learned")),
         Row("calibrated + KD, fixed (recomputed MSE) scales", "none", kd(), convert=calibrated("mse")),
         *[Row(f"calibrated + KD, learned scales, lr {lr * f:g}", "none", kd(rate=lr * f), convert=calibrated("learned"))
-          for f in (2, 4)],  # the LR sweep: lr, 2·lr, 4·lr
+          for f in (2, 4, 8)],  # the LR sweep: lr, 2·lr, 4·lr, 8·lr
         Row("absmean start + KD (the previous best row)", "none", kd()),
         Row(f"calibrated + layer-wise hidden states ({split} steps) + KD, learned scales", "none",
             stage19("hidden") + kd(total - split), convert=calibrated("learned")),
         Row(f"calibrated + block reconstruction ({split} steps) + KD, learned scales", "none",
             stage19("block") + kd(total - split), convert=calibrated("learned")),
         Row("calibrated + block reconstruction + KD, one LR schedule across both stages", "none",
-            stage19("block", window(split, 0)) + kd(train=window(total - split, split)), convert=calibrated("learned")),
+            stage19("block", shared[0]) + kd(train=shared[1]), convert=calibrated("learned")),
     ]
 
 

@@ -111,6 +111,18 @@ class TrainConfig(BaseModel):
         return min(self.warmup_steps, self.total_schedule_steps)
 
 
+def share_schedule(trains: list[TrainConfig]) -> list[TrainConfig]:
+    """Consecutive stages' train sections as windows of one LR schedule: the first one's warm-up, the sum of their
+    steps, each stage starting where the previous one stopped (so a split budget warms up once and decays once)."""
+    total, start = sum(t.max_steps for t in trains), 0
+    warmup = trains[0].warmup_steps if trains else 0
+    shared = []
+    for t in trains:
+        shared.append(t.model_copy(update={"schedule_start": start, "schedule_steps": total, "warmup_steps": warmup}))
+        start += t.max_steps
+    return shared
+
+
 def validate_parallel(cfg: TrainConfig, n_processes: int) -> None:
     """One-line refusal of a layout that cannot run, before any work (FSDP with one process)."""
     require_fsdp_world(cfg.parallel, n_processes)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from bitnet.config import ConfigError, deep_merge, load_config
 from bitnet.data import PYTHON_DOCS_DIR, TextSource
 from bitnet.stages.registry import stage
+from bitnet.trainer import share_schedule
 from tasks.artifacts import StoreConfig, default_root, local_root_uri
 from tasks.compute import ComputeConfig, LocalCompute, SkyPilotCompute
 from tasks.tracking import TrackingConfig
@@ -98,12 +99,8 @@ class _Pipeline(BaseModel):
         if self.lr_schedule == "per_stage":
             return self
         stages = [self.step(n) for n in SCHEDULED_STAGES if self.step(n).enabled]
-        total, start = sum(st.train.max_steps for st in stages), 0
-        warmup = stages[0].train.warmup_steps if stages else 0
-        for st in stages:
-            st.train = st.train.model_copy(update={"schedule_start": start, "schedule_steps": total,
-                                                   "warmup_steps": warmup})
-            start += st.train.max_steps
+        for st, train in zip(stages, share_schedule([st.train for st in stages]), strict=True):
+            st.train = train
         return self
 
     @model_validator(mode="after")
