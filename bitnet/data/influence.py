@@ -510,6 +510,25 @@ def select_top(scores: torch.Tensor, keep_fraction: float) -> torch.Tensor:
     return order[:k].long()
 
 
+def _check_sets(candidates: PackedDataset, targets: PackedDataset, cfg: InfluenceConfig,
+                candidate_indices: Sequence[int] | np.ndarray | torch.Tensor | None,
+                target_indices: Sequence[int] | np.ndarray | torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate and target block indices, or a one-line refusal of a selection that cannot run."""
+    if not 0.0 < cfg.keep_fraction <= 1.0:
+        raise DataError(f"keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
+    cand_idx = _index_array(candidate_indices, len(candidates))
+    targ_idx = _index_array(target_indices, len(targets))
+    if targ_idx.size == 0:
+        raise DataError("empty target set: nothing to select towards")
+    if cand_idx.size == 0:
+        raise DataError("empty candidate set: nothing to select from")
+    if candidates.vocab_size != targets.vocab_size:
+        raise DataError(
+            f"candidates and targets use different vocabularies ({candidates.vocab_size} vs {targets.vocab_size})"
+        )
+    return cand_idx, targ_idx
+
+
 def select_influential(
     model: nn.Module,
     candidates: PackedDataset,
@@ -525,18 +544,7 @@ def select_influential(
     ``indices`` of the result are candidate block indices (into ``candidates``, not into
     ``candidate_indices``), best first; ``scores`` covers every scored candidate in input order.
     """
-    if not 0.0 < cfg.keep_fraction <= 1.0:
-        raise DataError(f"keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
-    cand_idx = _index_array(candidate_indices, len(candidates))
-    targ_idx = _index_array(target_indices, len(targets))
-    if targ_idx.size == 0:
-        raise DataError("empty target set: nothing to select towards")
-    if cand_idx.size == 0:
-        raise DataError("empty candidate set: nothing to select from")
-    if candidates.vocab_size != targets.vocab_size:
-        raise DataError(
-            f"candidates and targets use different vocabularies ({candidates.vocab_size} vs {targets.vocab_size})"
-        )
+    cand_idx, targ_idx = _check_sets(candidates, targets, cfg, candidate_indices, target_indices)
     params = resolve_params(model, cfg.params)
     projector = _projector(cfg)
     t0 = time.perf_counter()

@@ -186,12 +186,12 @@ def export_gguf(
     out = Path(out)
     if out.exists() and out.is_dir():
         raise UnsupportedExportError(f"{out} is a directory; the GGUF output must be a file path")
-    tensors: list[RawTensor] = []
     with torch.no_grad():
-        for e in entries(model, hp, weight_type=weight_type, embedding_type=embedding_type, delta=delta,
-                         fallback=fallback):
-            data, raw = e.make()
-            tensors.append((e.plan.name, data, raw))
+        tensors: list[RawTensor] = [
+            (e.plan.name, *e.make())
+            for e in entries(model, hp, weight_type=weight_type, embedding_type=embedding_type, delta=delta,
+                             fallback=fallback)
+        ]
 
     def fill(w: gguf.GGUFWriter) -> None:
         _add_hparams(w, hp, weight_type, name)
@@ -202,15 +202,6 @@ def export_gguf(
     lora_path = None
     if lrc_rank:
         lora_path = export_lrc_adapter(model, lora_out, name=f"{name}-lrc", hparams=hp, delta=delta)
-    return ExportResult(
-        path=out,
-        weight_type=weight_type,
-        file_bytes=out.stat().st_size,
-        n_tensors=len(tensors),
-        ternary_params=plan.ternary_params,
-        ternary_bytes=plan.ternary_bytes,
-        hparams=hp,
-        lora_path=lora_path,
-        arch=hp.arch,
-        plan=plan,
-    )
+    return ExportResult(path=out, weight_type=weight_type, file_bytes=out.stat().st_size, n_tensors=len(tensors),
+                        ternary_params=plan.ternary_params, ternary_bytes=plan.ternary_bytes, hparams=hp,
+                        lora_path=lora_path, arch=hp.arch, plan=plan)
