@@ -19,7 +19,7 @@ the stage's progress reporter logs ``progress/step``, ``progress/tokens`` and ``
   ``stage_wall_s`` and the ``tokens`` it trained before it failed;
 - ``KILLED`` when its process died: closed by the flow's ``on_cancellation`` / ``on_crashed`` hook
   (:func:`close_flow_run`, at the time Prefect marked the state) or, for a SIGKILL that no hook saw, by the next
-  run (:meth:`Lineage.close_stale`: the retry of the same flow run, or any later run once Prefect holds the old
+  run (:func:`close_stale`: the retry of the same flow run, or any later run once Prefect holds the old
   flow run as final), which ends it at its last sign of life (its last progress metric), not at the time it is
   found.
 
@@ -42,13 +42,10 @@ and only ever shown redacted (:func:`bitnet.config.redact_uri`): in logs, errors
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 import os
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bitnet.config import redact_text, redact_uri, refuse_credentials
 from tasks.artifacts import ArtifactRef, ArtifactStore, Manifest
+from tasks.mlflow_records import attempt_tokens, log_config, log_stage_record, log_text, numeric
 from tasks.progress import AttemptListener
 
 if TYPE_CHECKING:
@@ -69,10 +67,6 @@ if TYPE_CHECKING:
 TAG = "bitdistill"
 
 
-# a stage's few params; the whole config is the run's config.json artifact
-KEY_PARAMS = ("pretrained", "tokenizer", "vocab_size", "seq_len", "train.max_steps", "train.lr", "train.warmup_steps",
-              "train.grad_accum", "train.precision", "data.batch_size", "temperature", "alpha", "beta", "gamma",
-              "lambda_warmup_steps", "rank", "split", "max_batches")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # backoff 2 s, 4 s: a dead server costs seconds
 # MLflow prints "View run … at: <tracking URI>/#/…" to stdout at the end of every run, credentials included; the
 # parent run's link is in the run summary (Lineage.location), redacted
@@ -144,12 +138,6 @@ def health_request(uri: str) -> Request:
     return urllib.request.Request(url, headers=headers)
 
 
-def key_params(config: dict[str, Any]) -> dict[str, str]:
-    """The :data:`KEY_PARAMS` present in a stage config, flattened to dotted keys."""
-    flat = flatten(config)
-    return {k: flat[k] for k in KEY_PARAMS if k in flat and flat[k] not in ("None", "null")}
-
-
 def default_tracking_uri(store: ArtifactStore, preset: str, create: bool = True) -> tuple[str, str | None]:
     """(tracking URI, artifact location for a new experiment); sqlite next to a local artifact root, or under the
     data directory's ``runs/<preset>`` for a remote one (its directory made unless ``create`` is false)."""
@@ -166,37 +154,9 @@ def default_tracking_uri(store: ArtifactStore, preset: str, create: bool = True)
     return f"sqlite:///{workdir / 'mlflow.db'}", (workdir / "mlartifacts").as_uri()
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{key}."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, list | dict) else str(v)
-    return out
-
-
-def _numeric(d: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
 def one_line(text: str, limit: int = 1000) -> str:
     """An error message as one line (MLflow's ``error`` tag)."""
     return " ".join(str(text).split())[:limit]
-
-
-def attempt_tokens(metrics: dict[str, Any]) -> float:
-    """The tokens the attempt that produced ``metrics`` trained: the trainer's own count of this attempt
-    (``tokens_per_s`` × ``wall_s``), else the share of the steps after ``resumed_from``, else ``tokens``."""
-    total = metrics.get("tokens") or 0
-    rate, wall = metrics.get("tokens_per_s"), metrics.get("wall_s")
-    if isinstance(rate, int | float) and isinstance(wall, int | float) and wall > 0:
-        return float(round(rate * wall))
-    steps, resumed = metrics.get("steps"), metrics.get("resumed_from")
-    if isinstance(steps, int) and steps > 0 and isinstance(resumed, int):
-        return float(total) * max(0, steps - resumed) / steps
-    return float(total)
 
 
 @dataclass
@@ -247,46 +207,19 @@ class Lineage:
             exp = self.client.get_experiment_by_name(cfg.experiment)
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
                 cfg.experiment, artifact_location=artifact_location)
-            self.close_stale(str(flow_run_id), is_stale)
+            if closed := close_stale(self.client, self.experiment_id, str(flow_run_id), is_stale):
+                logger.info("MLflow: closed %d run(s) of killed flow runs as KILLED", len(closed))
             run = self.client.create_run(self.experiment_id, run_name=flow_run_name, tags={
                 f"{TAG}.prefect_flow_run_id": str(flow_run_id), f"{TAG}.preset": preset,
                 f"{TAG}.artifact_root": store.root_uri, f"{TAG}.attempt": str(attempt)})
             self.parent = run.info.run_id
-            self._config(self.parent, params, {"preset": preset, "store.root": store.root_uri,
+            log_config(self.client, self.parent, params, {"preset": preset, "store.root": store.root_uri,
                                                "reuse_only": params.get("reuse_only")})
             logger.info("MLflow: run %s in experiment %r at %s", self.parent, cfg.experiment, self.shown)
         except Exception as e:  # noqa: BLE001 — lineage must not stop the pipeline
             if cfg.required:
                 raise TrackingError(f"MLflow tracking at {self.shown} failed: {self._why(e)}") from None
             self._disable(e)
-
-    def close_stale(self, flow_run_id: str, is_stale: Callable[[str], bool] | None) -> list[str]:
-        """Close the ``RUNNING`` runs that killed flow runs left behind as ``KILLED``: those of this flow run's
-        earlier attempts, and (with ``is_stale``) those of other flow runs that Prefect holds as final."""
-        from mlflow.entities import RunStatus, ViewType
-
-        assert self.client is not None
-        running = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                          run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
-        parents = {r.info.run_id: r.data.tags.get(f"{TAG}.prefect_flow_run_id") for r in running
-                   if f"{TAG}.prefect_flow_run_id" in r.data.tags}
-        verdict: dict[str, bool] = {}
-        closed: list[str] = []
-        for run in running:
-            parent = run.data.tags.get("mlflow.parentRunId", run.info.run_id)
-            fr = parents.get(parent) or run.data.tags.get(f"{TAG}.prefect_flow_run_id")
-            if fr is None:
-                continue
-            if fr not in verdict:
-                verdict[fr] = fr == flow_run_id or (is_stale is not None and _safe(is_stale, fr))
-            if verdict[fr]:
-                end = last_seen(self.client, run)
-                close_run(self.client, run, RunStatus.to_string(RunStatus.KILLED), end,
-                          "its flow run's process was killed")
-                closed.append(run.info.run_id)
-        if closed:
-            self.logger.info("MLflow: closed %d run(s) of killed flow runs as KILLED", len(closed))
-        return closed
 
     @property
     def location(self) -> str | None:
@@ -304,18 +237,6 @@ class Lineage:
     def _disable(self, e: Exception) -> None:
         self.logger.warning("MLflow tracking disabled for this run: %s", self._why(e))
         self.client = None
-
-    def _config(self, run_id: str, config: dict[str, Any], params: dict[str, Any]) -> None:
-        """The whole config as the artifact ``config.json``, and a few key ``params``."""
-        from mlflow.entities import Param
-
-        assert self.client is not None
-        items = [Param(k[:250], str(v)[:6000]) for k, v in params.items() if v is not None]
-        if items:
-            self.client.log_batch(run_id, params=items)
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2))
-            self.client.log_artifact(run_id, str(Path(tmp) / "config.json"))
 
     # ------------------------------------------------------------------------------------------- stages
     def begin(self, name: str, started: float) -> AttemptListener | None:
@@ -404,7 +325,7 @@ class Lineage:
 
     def _stage(self, name: str, ref: ArtifactRef, manifest: Manifest, cached: bool, wall_s: float,
                started: float) -> None:
-        from mlflow.entities import Metric, RunStatus, RunTag
+        from mlflow.entities import RunStatus, RunTag
 
         client = self.client
         assert client is not None and self.parent is not None
@@ -424,59 +345,9 @@ class Lineage:
         wall_s = attempt_wall(attempt, started, wall_s)
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.stage_runs[ref.sha256] = tags.get(f"{TAG}.produced_by_run_id", run_id)
-        self._config(run_id, manifest.config, key_params(manifest.config))
-        now = int(time.time() * 1000)
-        final = {**_numeric(manifest.metrics), "stage_wall_s": wall_s,
-                 "tokens": 0.0 if cached else attempt_tokens(manifest.metrics),
-                 "tokens_total": float(manifest.metrics.get("tokens") or 0)}
-        metrics = [Metric(k, v, now, 0) for k, v in final.items()]
-        history = [] if cached else self._history(ref, manifest)
-        for rec in history:
-            step = int(rec.get("step", 0))
-            metrics += [Metric(f"train/{k}", v, now, step) for k, v in _numeric(rec).items() if k != "step"]
-        for i in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[i:i + 1000])
-        if not cached:
-            self._inputs(run_id, manifest)
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "manifest.json").write_text(manifest.model_dump_json(indent=2))
-                client.log_artifact(run_id, str(Path(tmp) / "manifest.json"))
-                if history and (png := _loss_curve(name, history, Path(tmp))) is not None:
-                    client.log_artifact(run_id, str(png), "plots")
+        log_stage_record(client, self.store, run_id, name, ref, manifest, cached=cached, wall_s=wall_s,
+                         tokens=0.0 if cached else attempt_tokens(manifest.metrics))
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED), end_time=start_ms + int(wall_s * 1000))
-
-    def _history(self, ref: ArtifactRef, manifest: Manifest) -> list[dict[str, Any]]:
-        rel = "train/metrics.jsonl"
-        if rel not in manifest.files:
-            return []
-        with self.store.fs.open(f"{self.store.path_of(ref.uri)}/{rel}", "rb") as f:
-            return [json.loads(line) for line in io.TextIOWrapper(f) if line.strip()]
-
-    def _inputs(self, run_id: str, manifest: Manifest) -> None:
-        """The datasets a stage read: the corpus (world) or the world's packed splits, with their digests."""
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
-
-        assert self.client is not None
-        found: list[tuple[str, str, str, str]] = []  # (name, source uri, digest, context)
-        if manifest.stage == "world":
-            src = manifest.config.get("source", {})
-            uri = src.get("url") or src.get("path") or f"hf://{src.get('name')}"
-            found.append(("corpus", uri if "://" in uri else Path(uri).resolve().as_uri(), manifest.key, "source"))
-        elif (world := manifest.upstream.get("world")) is not None:
-            splits = self.store.read_manifest(world).metrics.get("splits", {})
-            for split, context in splits_read(manifest):
-                if split in splits:
-                    found.append((f"world-{split}", f"{world.uri}/data/{split}", str(splits[split]["digest"]), context))
-        inputs = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for name, uri, digest, context in found:
-                ds = MetaDataset(resolve_dataset_source(uri), name=name, digest=digest[:32])
-                inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
-        if inputs:
-            self.client.log_inputs(run_id, datasets=inputs)
 
     # ------------------------------------------------------------------------------------------- finish
     def finish(
@@ -502,13 +373,11 @@ class Lineage:
                     tags={f"{TAG}.artifact_uri": student.uri, f"{TAG}.manifest_sha256": student.sha256,
                           f"{TAG}.gguf": gguf or ""})
             now = int(time.time() * 1000)
-            final = {f"eval/{k}": v for k, v in _numeric(summary.get("evaluation") or {}).items()}
+            final = {f"eval/{k}": v for k, v in numeric(summary.get("evaluation") or {}).items()}
             final["pipeline_wall_s"] = time.time() - self.started
             final["stages_run"] = float(sum(r.get("status") == "completed" for r in summary.get("stages", [])))
             self.client.log_batch(self.parent, metrics=[Metric(k, v, now, 0) for k, v in final.items()])
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2))
-                self.client.log_artifact(self.parent, str(Path(tmp) / "summary.json"))
+            log_text(self.client, self.parent, "summary.json", json.dumps(summary, indent=2))
             status = RunStatus.FAILED if failed else RunStatus.FINISHED
             self.client.set_terminated(self.parent, RunStatus.to_string(status))
         except Exception as e:  # noqa: BLE001
@@ -519,14 +388,6 @@ class Lineage:
         assert self.client is not None
         return bool(self.client.search_logged_models(
             [self.experiment_id], filter_string=f"tags.`{TAG}.manifest_sha256` = '{student.sha256}'", max_results=1))
-
-
-def splits_read(manifest: Manifest) -> tuple[tuple[str, str], ...]:
-    """(world split, MLflow dataset context) of the splits a stage reads: the evaluated split for ``eval``, train
-    and validation for the others."""
-    if manifest.stage == "eval":
-        return ((str(manifest.config.get("split", "test")), "evaluation"),)
-    return (("train", "training"), ("validation", "validation"))
 
 
 # ------------------------------------------------------------------------------------------- closing runs
@@ -540,6 +401,33 @@ def last_seen(client: MlflowClient, run: Run) -> int:
                                       filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
         times += [last_seen(client, c) for c in children]
     return max(times)
+
+
+def close_stale(client: MlflowClient, experiment_id: str, flow_run_id: str,
+                is_stale: Callable[[str], bool] | None) -> list[str]:
+    """Close the ``RUNNING`` runs that killed flow runs left behind as ``KILLED``: those of flow run
+    ``flow_run_id``'s earlier attempts, and (with ``is_stale``) those of other flow runs that Prefect holds as final.
+    Returns the closed run ids."""
+    from mlflow.entities import RunStatus, ViewType
+
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                 run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+    parents = {r.info.run_id: r.data.tags.get(f"{TAG}.prefect_flow_run_id") for r in running
+               if f"{TAG}.prefect_flow_run_id" in r.data.tags}
+    verdict: dict[str, bool] = {}
+    closed: list[str] = []
+    for run in running:
+        parent = run.data.tags.get("mlflow.parentRunId", run.info.run_id)
+        fr = parents.get(parent) or run.data.tags.get(f"{TAG}.prefect_flow_run_id")
+        if fr is None:
+            continue
+        if fr not in verdict:
+            verdict[fr] = fr == flow_run_id or (is_stale is not None and _safe(is_stale, fr))
+        if verdict[fr]:
+            close_run(client, run, RunStatus.to_string(RunStatus.KILLED), last_seen(client, run),
+                      "its flow run's process was killed")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def close_run(client: MlflowClient, run: Run, status: str, end_ms: int, error: str) -> None:
@@ -599,26 +487,3 @@ def _safe(fn: Callable[[str], bool], arg: str) -> bool:
         return False
 
 
-def _loss_curve(stage: str, history: list[dict[str, Any]], out_dir: Path) -> Path | None:
-    points = [(r["step"], r["loss"]) for r in history if isinstance(r.get("loss"), int | float)]
-    if not points:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*zip(*points), label="train loss")
-    val = [(r["step"], r["val_loss"]) for r in history if isinstance(r.get("val_loss"), int | float)]
-    if val:
-        ax.plot(*zip(*val), "o-", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{stage}")
-    ax.legend()
-    fig.tight_layout()
-    path = out_dir / "loss_curve.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -228,8 +228,8 @@ def test_sigkilled_attempt_is_closed_at_its_last_sign_of_life(tmp_path):
 def test_tokens_count_what_the_attempt_trained(tmp_path):
     """A CPT of 40 steps resumed from step 10: the attempt trained 30 steps' tokens (the trainer's own count, or
     the share of steps after the checkpoint), a cache hit none; the progress reporter says the same while it runs."""
+    from tasks.mlflow_records import attempt_tokens
     from tasks.progress import TrainProgress, listening
-    from tasks.tracking import attempt_tokens
 
     per_step = 4 * 64
     resumed = {"steps": 40, "tokens": 40 * per_step, "resumed_from": 10, "wall_s": 3.0,
@@ -253,7 +253,7 @@ def test_tokens_count_what_the_attempt_trained(tmp_path):
 
 def test_eval_inputs_name_the_split_it_read_and_a_cache_hit_logs_no_model(tmp_path):
     from tasks.artifacts import Manifest
-    from tasks.tracking import splits_read
+    from tasks.mlflow_records import splits_read
 
     def manifest(stage: str, config: dict[str, Any]) -> Manifest:
         return Manifest(stage=stage, key="k", files={}, config=config)
