@@ -60,16 +60,17 @@ def check_teacher_architecture(source: str) -> Any:
     teacher's transformers config."""
     from transformers import AutoConfig
 
-    from bitnet.convert import UnsupportedArchitectureError, supported_architectures
+    from bitnet.families import UnsupportedFamilyError, family_for, model_types
 
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"cannot read the teacher's config from {source}: {str(e).splitlines()[0]}") from e
-    if config.model_type not in supported_architectures():
-        raise UnsupportedArchitectureError(
-            f"teacher {source} is a {config.model_type!r} model; the student stages support "
-            f"{', '.join(supported_architectures())}")
+    try:
+        family_for(config.model_type)
+    except UnsupportedFamilyError:
+        raise UnsupportedFamilyError(f"teacher {source} is a {config.model_type!r} model; the student stages support "
+                                     f"{', '.join(model_types())}") from None
     return config
 
 
