@@ -214,7 +214,7 @@ class Lineage:
                 f"{TAG}.artifact_root": store.root_uri, f"{TAG}.attempt": str(attempt)})
             self.parent = run.info.run_id
             log_config(self.client, self.parent, params, {"preset": preset, "store.root": store.root_uri,
-                                               "reuse_only": params.get("reuse_only")})
+                                                          "reuse_only": params.get("reuse_only")})
             logger.info("MLflow: run %s in experiment %r at %s", self.parent, cfg.experiment, self.shown)
         except Exception as e:  # noqa: BLE001 — lineage must not stop the pipeline
             if cfg.required:
