@@ -179,7 +179,7 @@ def lever_rows(total: int, batch_size: int, lr: float, seed: int,
         Row("calibrated + KD, learned scales", "none", kd(), convert=calibrated("learned")),
         Row("calibrated + KD, fixed (recomputed MSE) scales", "none", kd(), convert=calibrated("mse")),
         *[Row(f"calibrated + KD, learned scales, lr {lr * f:g}", "none", kd(rate=lr * f), convert=calibrated("learned"))
-          for f in (2, 4, 8, 16)],  # the LR sweep: lr … 16·lr
+          for f in (2, 4, 8, 16, 32)],  # the LR sweep: lr … 32·lr
         Row("absmean start + KD (the previous best row)", "none", kd()),
         Row(f"calibrated + layer-wise hidden states ({split} steps) + KD, learned scales", "none",
             stage19("hidden") + kd(total - split), convert=calibrated("learned")),

@@ -8,11 +8,9 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 from bitnet.config import ConfigError  # noqa: E402
-from tests.support import free_port, stop, wait_http  # noqa: E402
+from tests.support import ServerSession, api_json, descendants, free_port, wait_http  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = REPO / "deployments"
@@ -235,35 +233,10 @@ def _spy(stage: Any, ran: list[str]) -> Any:
 
 
 # --------------------------------------------------------------------- crash recovery on a real server
-def _get(url: str, body: dict[str, Any] | None = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
 def _logs(api: str, flow_run_id: str) -> list[str]:
     """The log messages of a flow run (its task runs' included)."""
-    return [entry["message"] for offset in range(0, 2000, 200) for entry in _get(
+    return [entry["message"] for offset in range(0, 2000, 200) for entry in api_json(
         f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "offset": offset, "limit": 200})]
-
-
-def _descendants(pid: int) -> list[int]:
-    """PIDs of every process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 # The kill must land while CPT trains: it comes once two checkpoints (step 8) are seen, after a poll loop whose
@@ -294,41 +267,19 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
     root, mlflow_uri = tmp_path / "artifacts", f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = {"store": {"root": str(root)}, "tracking": {"uri": mlflow_uri},
               "cpt": {"train": {"max_steps": CPT_STEPS, "ckpt_every": 4}}}
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(*args: str) -> subprocess.Popen[str]:  # output to a file: a full pipe would stall a chatty worker
-        with open(tmp_path / f"{len(procs)}-{args[2]}.log", "w") as log:
-            p = subprocess.Popen(list(args), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                 start_new_session=True)
-        procs.append(p)
-        return p
-
-    def cli(*args: str, timeout: float = 180, ok: bool = True, cwd: Path = REPO) -> str:
-        r = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-        assert r.returncode == 0 or not ok, (args, r.stdout[-3000:], r.stderr[-3000:])
-        return r.stdout + r.stderr
-
-    def state(run_id: str) -> str:
-        return _get(f"{api}/flow_runs/{run_id}")["state"]["type"]
-
-    def wait_state(run_id: str, want: set[str], timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while (s := state(run_id)) not in want:
-            assert time.monotonic() < deadline, f"flow run {run_id} still {s} after {timeout} s"
-            time.sleep(1)
-        return s
-
-    def run_deployment(name: str, params: dict[str, Any]) -> str:
-        out = cli(str(bindir / "prefect"), "deployment", "run", name, "--params", json.dumps(params))
-        return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)  # type: ignore[union-attr]
-
     prefect = str(bindir / "prefect")
-    try:
-        server = start(prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port))
+    with ServerSession(api, env, tmp_path, REPO) as s:
+        cli, state, wait_state = s.cli, s.state, s.wait_state
+
+        def run_deployment(name: str, params: dict[str, Any]) -> str:
+            out = cli(prefect, "deployment", "run", name, "--params", json.dumps(params))
+            return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)  # type: ignore[union-attr]
+
+        server = s.start("server", prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port))
         wait_http(f"{api}/health", 120, server)
         out = cli(sys.executable, "deployments/setup_server.py", timeout=300)
         assert "automation bitdistill-crash-zombie-flow-runs" in out and "bitdistill/eval-only" in out, out[-2000:]
-        worker = start(prefect, "worker", "start", "--pool", "bitdistill-process")
+        worker = s.start("worker", prefect, "worker", "start", "--pool", "bitdistill-process")
 
         params = {"preset": "smoke", "config": config}  # eval-only runs need the same preset and config
         run_id = run_deployment("bitdistill/smoke", {"config": config})
@@ -340,7 +291,7 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
             time.sleep(0.5)
         assert len(ckpts) >= 2, "CPT wrote no checkpoints in time"
         assert not (ckpts[-1].parents[2] / "metrics.json").exists(), "CPT finished before the kill: the test raced"
-        for pid in [*_descendants(worker.pid), worker.pid]:  # the flow-run process and the worker, by PID
+        for pid in [*descendants(worker.pid), worker.pid]:  # the flow-run process and the worker, by PID
             os.kill(pid, signal.SIGKILL)
         t_kill = time.monotonic()
         worker.wait(timeout=30)
@@ -350,7 +301,7 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
 
         wait_state(run_id, {"CRASHED"}, timeout=300)  # no hand: the heartbeat automation
         t_crashed = time.monotonic()
-        start(prefect, "worker", "start", "--pool", "bitdistill-process")
+        s.start("worker", prefect, "worker", "start", "--pool", "bitdistill-process")
         cli(prefect, "flow-run", "retry", run_id)
         t_retry = time.monotonic()
         assert wait_state(run_id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=600) == "COMPLETED"
@@ -365,7 +316,7 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
                           "eval": "Completed"}, states
         metrics = json.loads((cpt_dir / "metrics.json").read_text())
         assert metrics["resumed_from"] >= killed_at and metrics["steps"] == CPT_STEPS, (metrics, killed_at)
-        task_runs = _get(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+        task_runs = api_json(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
         assert {t["state"]["type"] for t in task_runs} <= {"COMPLETED", "CRASHED"}, task_runs  # nothing "Running"
         logs = _logs(api, run_id)
         resumed = f"cpt: resumed from step {metrics['resumed_from']}/{CPT_STEPS} (checkpoint "
@@ -405,10 +356,6 @@ def test_killed_worker_crashes_then_retry_resumes_on_a_real_server(tmp_path):
         code = "import asyncio, ui_screenshot; print('LATEST=' + asyncio.run(ui_screenshot.latest_run_id()))"
         assert re.findall(r"LATEST=(\S+)", cli(sys.executable, "-c", code, cwd=DEPLOYMENTS)) == [eval_id]
         print(f"killed CPT after checkpoint {killed_at}, resumed from {metrics['resumed_from']}")
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                stop(p, group=True, timeout=20)
 
 
 def test_flow_run_is_over_asks_prefect(prefect_server):

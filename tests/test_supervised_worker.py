@@ -19,8 +19,7 @@ import pytest
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bitdistill-prefect-"))
 os.environ.pop("PREFECT_API_URL", None)
 
-from tests.support import free_port, stop, wait_http  # noqa: E402
-from tests.test_ops import _descendants, _get  # noqa: E402
+from tests.support import ServerSession, api_json, descendants, free_port, stop, wait_http  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SUPERVISOR = REPO / "deployments" / "worker-supervised.sh"
@@ -157,31 +156,12 @@ def test_supervised_worker_retries_a_crashed_run_without_hands(tmp_path):
     flow_dir.mkdir()
     markers.mkdir()
     (flow_dir / "sleepy.py").write_text(FLOW)
-    procs: list[subprocess.Popen[str]] = []
+    with ServerSession(api, env, tmp_path, REPO) as s:
+        start, cli, state = s.start, s.cli, s.state
 
-    def start(name: str, *args: str) -> subprocess.Popen[str]:
-        with open(tmp_path / f"{name}.log", "w") as log:
-            p = subprocess.Popen(list(args), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                 start_new_session=True)
-        procs.append(p)
-        return p
+        def wait_state(run_id: str, want: set[str], timeout: float) -> str:
+            return s.wait_state(run_id, want, timeout, poll=0.5)
 
-    def cli(*args: str, timeout: float = 180) -> str:
-        r = subprocess.run(list(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        assert r.returncode == 0, (args, r.stdout[-3000:], r.stderr[-3000:])
-        return r.stdout + r.stderr
-
-    def state(run_id: str) -> str:
-        return _get(f"{api}/flow_runs/{run_id}")["state"]["type"]
-
-    def wait_state(run_id: str, want: set[str], timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while (s := state(run_id)) not in want:
-            assert time.monotonic() < deadline, f"flow run {run_id} still {s} after {timeout} s"
-            time.sleep(0.5)
-        return s
-
-    try:
         server = start("server", prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port))
         wait_http(f"{api}/health", 180, server)
         cli(prefect, "work-pool", "create", POOL, "--type", "process")
@@ -199,15 +179,15 @@ def test_supervised_worker_retries_a_crashed_run_without_hands(tmp_path):
         assert wait_state(run_id, {"RUNNING"}, 30) == "RUNNING"
 
         t_kill = time.monotonic()
-        for pid in [*_descendants(worker), worker]:  # the flow-run process and the worker, by PID; not the supervisor
+        for pid in [*descendants(worker), worker]:  # the flow-run process and the worker, by PID; not the supervisor
             os.kill(pid, signal.SIGKILL)
         restarted = _worker_of(supervisor, 60, not_pid=worker)  # the supervisor, not this test, starts it
         t_restart = time.monotonic()
         assert not _alive(worker)
         assert state(run_id) == "RUNNING"  # nothing reported the kill
         # what the heartbeat automation (bitdistill-crash-zombie-flow-runs, 90 s; tests/test_ops.py) does
-        _get(f"{api}/flow_runs/{run_id}/set_state", {"state": {"type": "CRASHED", "name": "Crashed",
-                                                               "message": "worker killed (test)"}, "force": True})
+        api_json(f"{api}/flow_runs/{run_id}/set_state", {"state": {"type": "CRASHED", "name": "Crashed",
+                                                                   "message": "worker killed (test)"}, "force": True})
         assert state(run_id) == "CRASHED"
 
         cli(prefect, "flow-run", "retry", run_id)
@@ -216,8 +196,8 @@ def test_supervised_worker_retries_a_crashed_run_without_hands(tmp_path):
         t_done = time.monotonic()
         assert (markers / "attempt-2").exists() and not (markers / "attempt-3").exists()
         flow_pid, flow_ppid = map(int, (markers / "attempt-2").read_text().split())
-        assert flow_ppid == restarted or flow_ppid in _descendants(restarted), (flow_ppid, restarted)
-        assert _worker_of(supervisor, 5) == restarted and len(procs) == 2  # one supervisor, no worker started here
+        assert flow_ppid == restarted or flow_ppid in descendants(restarted), (flow_ppid, restarted)
+        assert _worker_of(supervisor, 5) == restarted and len(s.procs) == 2  # one supervisor, no worker started here
         print(f"kill -> worker restarted {t_restart - t_kill:.1f} s; retry -> Completed {t_done - t_retry:.1f} s")
 
         deadline = time.monotonic() + 30
@@ -230,9 +210,5 @@ def test_supervised_worker_retries_a_crashed_run_without_hands(tmp_path):
         assert not _alive(restarted), "the worker outlived its supervisor"
         assert not _children(supervisor.pid)
         print(f"SIGTERM -> supervisor and worker stopped in {time.monotonic() - t_term:.1f} s")
-        log = (tmp_path / "supervisor.log").read_text()
+        log = next(tmp_path.glob("*-supervisor.log")).read_text()
         assert log.count("worker-supervised[") >= 4 and "exited with status 137" in log, log[-3000:]
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                stop(p, group=True, timeout=20)
