@@ -269,7 +269,7 @@ def smollm2_135m() -> Overrides:
                     "calibration": {"enabled": True, "blocks": 64}},
         "layerwise": {"enabled": False, **_smol(10, 2e-4)},
         "cpt": {"enabled": False, "lambda_warmup_steps": 0, **_smol(40, 2e-4)},
-        # lr 3.2e-3: 86 ppl; 1.6e-3: 106; 8e-4: 158; 4e-4: 254; 2e-4: 444 (docs/ablation-smollm2.md)
+        # lr 6.4e-3: 108 ppl; 3.2e-3: 86; 1.6e-3: 106; 8e-4: 158; 4e-4: 254; 2e-4: 444 (docs/ablation-smollm2.md)
         "kd": {**_SMOL_KD, **_smol(48, 3.2e-3)},
         "lrc": {"enabled": False, "rank": 32, "calib_batches": 4, **_smol(10, 1e-4)},
         "eval": {"batch_size": 8, "max_batches": 8,
