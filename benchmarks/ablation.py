@@ -185,6 +185,8 @@ def lever_rows(total: int, batch_size: int, lr: float, seed: int,
             stage19("hidden") + kd(total - split), convert=calibrated("learned")),
         Row(f"calibrated + block reconstruction ({split} steps) + KD, learned scales", "none",
             stage19("block") + kd(total - split), convert=calibrated("learned")),
+        Row(f"calibrated + block by block from cached activations ({split} steps a block) + KD, learned scales",
+            "none", stage19("block_sequential") + kd(total - split), convert=calibrated("learned")),
         Row("calibrated + block reconstruction + KD, one LR schedule across both stages", "none",
             stage19("block", shared[0]) + kd(train=shared[1]), convert=calibrated("learned")),
     ]
@@ -224,7 +226,8 @@ def prepare_preset(args: argparse.Namespace) -> None:
         run_stage("world", cfg.world.stage_config(), {}, workdir / "world")
     if not (workdir / "teacher" / "model" / "config.json").is_file():
         run_stage("teacher", cfg.teacher.stage_config(), {"world": workdir / "world"}, workdir / "teacher")
-    args.batch_size, args.lr, args.lrc_rank = cfg.cpt.data.batch_size, cfg.cpt.train.lr, cfg.lrc.rank
+    args.batch_size, args.lrc_rank = cfg.cpt.data.batch_size, cfg.lrc.rank
+    args.lr = args.lr if args.lr is not None else cfg.cpt.train.lr  # --lr moves the base of every row
     args.kd_weights = {"temperature": cfg.kd.temperature, "beta": cfg.kd.beta, "gamma": cfg.kd.gamma}
 
 
@@ -362,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="where stage outputs go (default: WORKDIR/ablation)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of every trained row (split among stages)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="base learning rate of every row (default: the preset's "
+                   "stage-2 lr, or 1e-3)")
     p.add_argument("--lrc-rank", type=int, default=32)
     p.add_argument("--eval-batches", type=int, default=None, help="cap on 16-block test batches (default: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -375,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(kd_weights=None)  # stage-3 τ, β, γ: the paper's, or the preset's (prepare_preset)
     args = p.parse_args(argv)
     args.workdir = args.workdir or (f"runs/{args.preset}/ablation-base" if args.preset else "runs/tiny")
+    if not args.preset and args.lr is None:
+        args.lr = 1e-3
     results = run(args)
     md = table(results)
     print("\n" + md)

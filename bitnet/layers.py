@@ -31,6 +31,7 @@ from bitnet.quant import (
     ternary_codes,
     weight_quant,
 )
+from kernels.dispatch import scaled_ternary_linear, triton_takes_scales
 from kernels.dispatch import ternary_linear as kernel_linear  # PyTorch autograd.Function, Triton on CUDA
 from kernels.quant import expand_scales, fp16_grid, grouped_codes, mse_scales
 
@@ -151,6 +152,10 @@ class BitLinear(nn.Linear):
         lam = self.quant_lambda
         if lam == 1.0 and self.scale_group == 0 and self.scale_rule == "absmean":
             return kernel_linear(x, self.weight, self.bias)  # bit-identical on the PyTorch path (kernels/reference.py)
+        if lam == 1.0 and triton_takes_scales(x.device, self.scale_group):  # CUDA (or the interpreter) only
+            learned = self.weight_scales is not None
+            scales = self.weight_scales if learned else self.current_scales()
+            return scaled_ternary_linear(x, self.weight, scales, self.scale_group, self.bias, learned=learned)
         return F.linear(act_quant(x, lam), self.quantized_weight(lam), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

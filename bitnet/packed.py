@@ -1,9 +1,10 @@
-"""Inference BitLinear that keeps only 2-bit packed ternary weights (+ Δ, bias, SubLN) in memory.
+"""Inference BitLinear that keeps only 2-bit packed ternary weights (+ scales, bias, SubLN) in memory.
 
 ``PackedBitLinear.from_bitlinear(layer)`` computes exactly what ``layer`` computes at λ = 1
-(``F.linear(act_quant(sub_norm(x)), Δ·codes, b)``) from ``out·ceil(in/4)`` bytes of weights instead of the latent
-float matrix — 8× less than fp16, 16× less than fp32. The matmul is ``kernels.dispatch.packed_linear`` (Triton on
-CUDA, ``kernels.packed_linear.packed_linear_torch`` elsewhere).
+(``F.linear(act_quant(sub_norm(x)), s·codes, b)``, ``s`` the per-tensor Δ or the layer's per-group scales, as the
+GGUF holds them) from ``out·ceil(in/4)`` bytes of weights instead of the latent float matrix — 8× less than fp16,
+16× less than fp32 (plus 4 bytes a group for per-group scales). The matmul is ``kernels.dispatch.packed_linear``
+(Triton on CUDA, ``kernels.packed_linear.packed_linear_torch`` elsewhere).
 
 ``pack_bitlinears(model)`` swaps every BitLinear of a student for a PackedBitLinear (inference only: no
 gradients, no LRC — a BitLinearLRC is refused).
@@ -17,7 +18,7 @@ from torch import nn
 from bitnet.layers import BitLinear, BitLinearLRC, SubLN, bit_linears
 from kernels.dispatch import packed_linear
 from kernels.packed_linear import DEFAULT_CHUNK_BYTES
-from kernels.packing import PackedTernary, pack_weight, packed_cols
+from kernels.packing import PackedTernary, pack_codes, pack_weight, packed_cols
 
 
 class PackedBitLinear(nn.Module):
@@ -33,14 +34,19 @@ class PackedBitLinear(nn.Module):
         norm_eps: float = 1e-6,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        scale_group: int = 0,
     ) -> None:
         super().__init__()
+        if scale_group and in_features % scale_group:
+            raise ValueError(f"a scale group of {scale_group} does not divide rows of {in_features} values")
         self.in_features = in_features
         self.out_features = out_features
+        self.scale_group = scale_group
         self.chunk_bytes = DEFAULT_CHUNK_BYTES
         zeros = torch.full((out_features, packed_cols(in_features)), 0x55, dtype=torch.uint8, device=device)
         self.register_buffer("packed", zeros)  # 0x55: four zero codes per byte
-        self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=device))
+        scales = (out_features, in_features // scale_group) if scale_group else ()
+        self.register_buffer("scale", torch.ones(scales, dtype=torch.float32, device=device))
         self.bias: nn.Parameter | None
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
@@ -58,9 +64,6 @@ class PackedBitLinear(nn.Module):
             raise TypeError("PackedBitLinear does not carry an LRC adapter; merge or drop it first")
         if layer.quant_lambda != 1.0:
             raise ValueError(f"only a fully quantized BitLinear (λ = 1) can be packed, got λ = {layer.quant_lambda}")
-        if layer.scale_group or layer.scale_rule != "absmean":
-            raise ValueError("PackedBitLinear holds BitNet's per-tensor absmean Δ; a student with "
-                             f"{layer.scale_rule} scales per {layer.scale_group or 'tensor'} is served from its GGUF")
         w = layer.weight
         new = cls(
             layer.in_features,
@@ -70,8 +73,13 @@ class PackedBitLinear(nn.Module):
             norm_eps=layer.sub_norm.eps if layer.sub_norm is not None else 1e-6,
             dtype=w.dtype,
             device=w.device,
+            scale_group=layer.scale_group,
         )
-        pw = pack_weight(w)
+        if layer.scale_group == 0 and layer.scale_rule == "absmean":
+            pw = pack_weight(w)
+        else:  # exactly the codes and scales the layer's forward uses
+            t = layer.ternary_weight()
+            pw = pack_codes(t.codes, t.scales, t.group)
         new.packed.copy_(pw.packed)
         new.scale.copy_(pw.scale)
         if layer.bias is not None:
@@ -81,10 +89,10 @@ class PackedBitLinear(nn.Module):
         return new
 
     def ternary(self) -> PackedTernary:
-        return PackedTernary(self.packed, self.scale, self.in_features)
+        return PackedTernary(self.packed, self.scale, self.in_features, self.scale_group)
 
     def weight_nbytes(self) -> int:
-        """Bytes held for the ternary matrix: packed codes + the float32 scale."""
+        """Bytes held for the ternary matrix: packed codes + the float32 scale(s)."""
         return self.ternary().nbytes()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +103,7 @@ class PackedBitLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"sub_norm={self.sub_norm is not None}, packed=2-bit"
+            + (f", scale_group={self.scale_group}" if self.scale_group else "")
         )
 
 

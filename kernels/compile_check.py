@@ -34,20 +34,21 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, A
     packed = tk._Tiles(64, 64, 128)
     mm_sig = {
         "a_ptr": "*fp32", "b_ptr": "*i8", "scale_ptr": "*fp32", "delta_ptr": "*fp32", "bias_ptr": "*fp32",
-        "c_ptr": "*fp32", "aq_ptr": "*i8", "M": _I32, "N": _I32, "K": _I32, "KP": _I32,
+        "c_ptr": "*fp32", "aq_ptr": "*i8", "M": _I32, "N": _I32, "K": _I32, "KP": _I32, "G": _I32, "n_groups": _I32,
         "stride_am": _I32, "stride_ak": _I32, "stride_bn": _I32, "stride_bk": _I32, "stride_cm": _I32,
         "stride_cn": _I32, "act_eps": "fp32", "QUANT_A": "constexpr", "PACKED_B": "constexpr",
-        "SAVE_AQ": "constexpr", "HAS_BIAS": "constexpr", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr",
-        "GROUP_M": "constexpr",
+        "SAVE_AQ": "constexpr", "HAS_BIAS": "constexpr", "GROUPED": "constexpr", "BM": "constexpr",
+        "BN": "constexpr", "BK": "constexpr", "GROUP_M": "constexpr",
     }
 
-    def mm(t: Any, **flags: bool) -> dict[str, Any]:
-        return dict(flags, BM=t.bm, BN=t.bn, BK=t.bk, GROUP_M=8)
+    def mm(t: Any, grouped: bool = False, **flags: bool) -> dict[str, Any]:
+        return dict(flags, GROUPED=grouped, BM=t.bm, BN=t.bn, BK=t.bk, GROUP_M=8)
 
     g_sig = {
         "g_ptr": "*bf16", "codes_ptr": "*i8", "delta_ptr": "*fp32", "out_ptr": "*bf16", "M": _I32, "N": _I32,
-        "K": _I32, "stride_gm": _I32, "stride_gn": _I32, "stride_om": _I32, "stride_ok": _I32,
-        "PREC": "constexpr", "UPCAST": "constexpr", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr",
+        "K": _I32, "G": _I32, "n_groups": _I32, "stride_gm": _I32, "stride_gn": _I32, "stride_om": _I32,
+        "stride_ok": _I32, "GROUPED": "constexpr", "PREC": "constexpr", "UPCAST": "constexpr", "BM": "constexpr",
+        "BN": "constexpr", "BK": "constexpr",
     }
     w_sig = {
         "g_ptr": "*bf16", "aq_ptr": "*i8", "scale_ptr": "*fp32", "out_ptr": "*fp32", "M": _I32, "N": _I32,
@@ -75,12 +76,21 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, A
          mm(packed, QUANT_A=True, PACKED_B=True, SAVE_AQ=False, HAS_BIAS=False), {}),
         ("packed int8 A fwd bf16", tk._ternary_matmul_kernel, dict(mm_sig, a_ptr="*i8", b_ptr="*u8", c_ptr="*bf16"),
          mm(packed, QUANT_A=False, PACKED_B=True, SAVE_AQ=False, HAS_BIAS=True), {}),
+        ("grouped fused fwd fp32, save", tk._ternary_matmul_kernel, mm_sig,
+         mm(gpu, grouped=True, QUANT_A=True, PACKED_B=False, SAVE_AQ=True, HAS_BIAS=True), {}),
+        ("grouped int8 A fwd →bf16", tk._ternary_matmul_kernel, dict(mm_sig, a_ptr="*i8", c_ptr="*bf16"),
+         mm(gpu, grouped=True, QUANT_A=False, PACKED_B=False, SAVE_AQ=False, HAS_BIAS=False), {}),
+        ("grouped packed fused fwd bf16", tk._ternary_matmul_kernel,
+         dict(mm_sig, a_ptr="*bf16", b_ptr="*u8", c_ptr="*bf16"),
+         mm(packed, grouped=True, QUANT_A=True, PACKED_B=True, SAVE_AQ=False, HAS_BIAS=False), {}),
         ("act quant bf16", tk._act_quant_kernel, aq_sig, {"BM": 16, "BK": 256}, {}),
-        ("grad_x bf16", tk._grad_input_kernel, g_sig, dict(bwd, PREC="ieee", UPCAST=False), {}),
+        ("grad_x bf16", tk._grad_input_kernel, g_sig, dict(bwd, GROUPED=False, PREC="ieee", UPCAST=False), {}),
         ("grad_x fp32 tf32", tk._grad_input_kernel, dict(g_sig, g_ptr="*fp32", out_ptr="*fp32"),
-         dict(bwd, PREC="tf32", UPCAST=False), {}),
+         dict(bwd, GROUPED=False, PREC="tf32", UPCAST=False), {}),
         ("grad_x fp32 ieee", tk._grad_input_kernel, dict(g_sig, g_ptr="*fp32", out_ptr="*fp32"),
-         dict(bwd, PREC="ieee", UPCAST=False), {}),
+         dict(bwd, GROUPED=False, PREC="ieee", UPCAST=False), {}),
+        ("grouped grad_x bf16", tk._grad_input_kernel, g_sig, dict(bwd, GROUPED=True, PREC="ieee", UPCAST=False),
+         {}),
         ("grad_w bf16", tk._grad_weight_kernel, w_sig, dict(bwd, PREC="ieee", UPCAST=False), {}),
         ("grad_w fp32", tk._grad_weight_kernel, dict(w_sig, g_ptr="*fp32"), dict(bwd, PREC="ieee", UPCAST=False), {}),
         ("abs sum", tk._abs_sum_kernel, ws, {"BLOCK": 4096}, {"num_warps": 4}),

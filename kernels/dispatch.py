@@ -108,11 +108,26 @@ def ternary_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return ternary_linear_torch(x, weight, bias)
 
 
+def triton_takes_scales(device: torch.device, group: int) -> bool:
+    """Whether a λ = 1 BitLinear with per-group (or stored per-tensor) scales runs on the Triton kernels here
+    (:func:`scaled_ternary_linear`); otherwise it runs its PyTorch ops."""
+    return resolve_backend(device) == "triton" and triton_module().supports_group(group)
+
+
+def scaled_ternary_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group: int,
+                          bias: torch.Tensor | None = None, *, learned: bool = False) -> torch.Tensor:
+    """BitLinear at λ = 1 with ``scales`` (one per ``group`` values of a row; (1, 1) per tensor) on the Triton
+    kernels; ``learned`` scales get LSQ's gradient (see ``kernels.triton_kernels.TritonScaledTernaryLinearFunction``).
+    """
+    return triton_module().scaled_ternary_linear_triton(x, weight, scales, group, bias, learned=learned)
+
+
 def packed_linear(
     x: torch.Tensor, weight: PackedTernary, bias: torch.Tensor | None = None, *, chunk_bytes: int | None = None
 ) -> torch.Tensor:
-    """Inference matmul on 2-bit packed weights on the chosen path."""
-    if resolve_backend(x.device) == "triton":
+    """Inference matmul on 2-bit packed weights on the chosen path (groups Triton cannot tile packed, i.e. not a
+    multiple of 64 values, run the PyTorch path)."""
+    if resolve_backend(x.device) == "triton" and triton_module().supports_group(weight.group, packed=True):
         return triton_module().packed_linear_triton(x, weight, bias)
 
     return packed_linear_torch(x, weight, bias, chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES)

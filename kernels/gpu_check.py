@@ -14,9 +14,10 @@ import sys
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from kernels.packing import pack_weight
-from kernels.quant import ternary_codes
+from kernels.quant import act_quant_value, expand_scales, fp16_grid, grouped_codes, mse_scales, ternary_codes
 from kernels.reference import act_quant_codes, reference_linear, ternary_linear_torch
 
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -66,6 +67,24 @@ def run(device: torch.device, small: bool) -> bool:
             got = _fwd_bwd(tk.ternary_linear_triton, x, w, b, g, amp)
             for name, a, r in zip(("y", "grad_x", "grad_w", "grad_b"), got, ref):
                 report(f"train {name} {m}x{n}x{k} {'bf16 autocast' if amp else 'fp32'}", _rel(a, r), tol)
+        if (group := next((gs for gs in (256, 64) if k % gs == 0), 0)):
+            scales = fp16_grid(mse_scales(w, group))
+            wq = (grouped_codes(w, scales, group).float() * expand_scales(scales, group, w.shape)).to(w.dtype)
+
+            def ste_reference(x_: torch.Tensor, w_: torch.Tensor, b_: torch.Tensor | None,
+                              wq: torch.Tensor = wq) -> torch.Tensor:
+                xq = x_ + (act_quant_value(x_) - x_).detach()
+                return F.linear(xq, w_ + (wq - w_).detach(), b_)
+
+            def grouped(x_: torch.Tensor, w_: torch.Tensor, b_: torch.Tensor | None, scales: torch.Tensor = scales,
+                        group: int = group) -> torch.Tensor:
+                return tk.scaled_ternary_linear_triton(x_, w_, scales, group, b_)
+
+            for amp, tol in ((False, 1e-4), (True, 2e-2)):
+                ref = _fwd_bwd(ste_reference, x, w, b, g, amp)
+                got = _fwd_bwd(grouped, x, w, b, g, amp)
+                for name, a, r in zip(("y", "grad_x", "grad_w", "grad_b"), got, ref):
+                    report(f"group {group} {name} {m}x{n}x{k} {'bf16 autocast' if amp else 'fp32'}", _rel(a, r), tol)
         pw = pack_weight(w)
         y_ref = reference_linear(x, w, b)
         for fused in (True, False):

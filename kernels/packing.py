@@ -1,4 +1,5 @@
-"""2-bit packing of ternary codes: four codes per byte plus the per-tensor scale Δ.
+"""2-bit packing of ternary codes: four codes per byte plus the per-tensor scale Δ, or one scale per group of
+``group`` consecutive values of a row.
 
 Layout (row-major over ``(out_features, in_features)``, packed along ``in_features``): code ``c ∈ {-1, 0, 1}``
 is stored as ``c + 1 ∈ {0, 1, 2}``; column ``k`` of a row lives in byte ``k // 4`` at bits ``2·(k % 4)``.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.quant import WEIGHT_EPS, ternary_codes
+from kernels.quant import WEIGHT_EPS, expand_scales, ternary_codes
 
 CODES_PER_BYTE = 4
 _SHIFTS = (0, 2, 4, 6)
@@ -68,11 +69,20 @@ def byte_lut(scale: torch.Tensor | float, dtype: torch.dtype, device: torch.devi
 
 @dataclass(frozen=True)
 class PackedTernary:
-    """A ternary matrix as packed bytes ``(out_features, ceil(in_features / 4))`` + float32 scale Δ."""
+    """A ternary matrix as packed bytes ``(out_features, ceil(in_features / 4))`` + float32 scales: Δ (0-dim), or
+    with ``group`` one per ``group`` values of a row, shape ``(out_features, in_features / group)``."""
 
     packed: torch.Tensor
-    scale: torch.Tensor  # float32, 0-dim
+    scale: torch.Tensor  # float32: 0-dim, or (out_features, in_features / group)
     in_features: int
+    group: int = 0
+
+    def __post_init__(self) -> None:
+        want = (self.out_features, self.in_features // self.group) if self.group else ()
+        if self.group and self.in_features % self.group or tuple(self.scale.shape) != want:
+            how = f"groups of {self.group}" if self.group else "one Δ"
+            raise ValueError(f"scales of shape {tuple(self.scale.shape)} do not fit {self.out_features} rows of "
+                             f"{self.in_features} values with {how}")
 
     @property
     def out_features(self) -> int:
@@ -82,7 +92,8 @@ class PackedTernary:
         return unpack_ternary(self.packed, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.codes().float() * self.scale).to(dtype)
+        codes = self.codes()
+        return (codes.float() * expand_scales(self.scale, self.group, codes.shape)).to(dtype)
 
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scale.numel() * self.scale.element_size()
@@ -93,3 +104,9 @@ def pack_weight(weight: torch.Tensor, eps: float = WEIGHT_EPS) -> PackedTernary:
     """Quantize a latent weight exactly as BitLinear does (absmean ternary) and pack it."""
     codes, delta = ternary_codes(weight, eps)
     return PackedTernary(pack_ternary(codes), delta.reshape(()).float(), int(weight.shape[-1]))
+
+
+def pack_codes(codes: torch.Tensor, scales: torch.Tensor, group: int) -> PackedTernary:
+    """Pack given codes (out, in) with their scales: (1, 1) or 0-dim per tensor (``group = 0``), else (out, groups)."""
+    scale = scales.float().reshape(()) if group == 0 else scales.float().contiguous()
+    return PackedTernary(pack_ternary(codes), scale, int(codes.shape[-1]), group)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels.packing import PackedTernary, packed_cols
-from kernels.quant import ACT_EPS, WEIGHT_EPS
+from kernels.quant import ACT_EPS, WEIGHT_EPS, expand_scales, fp16_grid, grouped_codes
 
 __all__ = [
     "interpreting",
@@ -45,6 +45,10 @@ __all__ = [
     "grad_input",
     "grad_weight",
     "TritonTernaryLinearFunction",
+    "TritonScaledTernaryLinearFunction",
+    "group_tile",
+    "scaled_ternary_linear_triton",
+    "supports_group",
     "ternary_linear_triton",
     "packed_linear_triton",
 ]
@@ -108,18 +112,47 @@ def _load_a_codes(a_ptr, aq_ptr, s, rm, kk, M, K, stride_am, stride_ak, m_save,
 
 
 @triton.jit
+def _tile_dot(acc, a_ptr, aq_ptr, b_ptr, s, rm, rn, k0, M, N, K, KP, stride_am, stride_ak, stride_bn, stride_bk,
+              m_save, QUANT_A: tl.constexpr, PACKED_B: tl.constexpr, SAVE_AQ: tl.constexpr, BK: tl.constexpr):
+    """``acc`` + the int8 × ternary products of the K tile ``[k0, k0 + BK)`` (exact, int32)."""
+    if PACKED_B:
+        kj = tl.arange(0, BK // 4)
+        pb = k0 // 4 + kj
+        p = tl.load(
+            b_ptr + rn[None, :] * stride_bn + pb[:, None] * stride_bk,
+            mask=(rn[None, :] < N) & (pb[:, None] < KP),
+            other=85,  # 0b01010101: four zero codes
+        )
+        for i in tl.static_range(4):
+            a = _load_a_codes(a_ptr, aq_ptr, s, rm, k0 + 4 * kj + i, M, K, stride_am, stride_ak, m_save,
+                              QUANT_A, SAVE_AQ)
+            c = (((p >> (2 * i)) & 3).to(tl.int8) - 1).to(tl.int8)
+            acc = tl.dot(a, c, acc)
+    else:
+        kk = k0 + tl.arange(0, BK)
+        a = _load_a_codes(a_ptr, aq_ptr, s, rm, kk, M, K, stride_am, stride_ak, m_save, QUANT_A, SAVE_AQ)
+        b = tl.load(
+            b_ptr + rn[None, :] * stride_bn + kk[:, None] * stride_bk,
+            mask=(rn[None, :] < N) & (kk[:, None] < K),
+            other=0,
+        )
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _ternary_matmul_kernel(
     a_ptr, b_ptr, scale_ptr, delta_ptr, bias_ptr, c_ptr, aq_ptr,
-    M, N, K, KP,
+    M, N, K, KP, G, n_groups,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     act_eps,
     QUANT_A: tl.constexpr, PACKED_B: tl.constexpr, SAVE_AQ: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    GROUPED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = dequant(Q(A) @ codes(B)ᵀ) (+ bias). A: (M, K) float (QUANT_A) or int8 codes with row scales;
-    B: (N, K) int8 codes, or (N, KP) packed bytes (PACKED_B, four codes per byte along K). One function over 60
-    lines on purpose: a Triton kernel is one compiled program (tile loop, quantization and epilogue fused), and the
-    constexpr branches are what a split would have to pass around."""
+    B: (N, K) int8 codes, or (N, KP) packed bytes (PACKED_B, four codes per byte along K). Weight scales: one Δ
+    (``delta_ptr``), or with GROUPED one float32 scale per ``G`` consecutive values of a row (``delta_ptr`` is
+    (N, n_groups); BK divides G): each group's exact int32 sum is scaled by its row's scale and summed in float32."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -139,34 +172,23 @@ def _ternary_matmul_kernel(
     else:
         s = tl.load(scale_ptr + rm, mask=rm < M, other=1.0)
 
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
-    if PACKED_B:
-        kj = tl.arange(0, BK // 4)
-        for k0 in range(0, K, BK):
-            pb = k0 // 4 + kj
-            p = tl.load(
-                b_ptr + rn[None, :] * stride_bn + pb[:, None] * stride_bk,
-                mask=(rn[None, :] < N) & (pb[:, None] < KP),
-                other=85,  # 0b01010101: four zero codes
-            )
-            for i in tl.static_range(4):
-                a = _load_a_codes(a_ptr, aq_ptr, s, rm, k0 + 4 * kj + i, M, K, stride_am, stride_ak, m_save,
-                                  QUANT_A, SAVE_AQ)
-                c = (((p >> (2 * i)) & 3).to(tl.int8) - 1).to(tl.int8)
-                acc = tl.dot(a, c, acc)
+    if GROUPED:
+        y = tl.zeros((BM, BN), dtype=tl.float32)
+        for g0 in range(0, K, G):
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
+            for k0 in range(g0, g0 + G, BK):
+                acc = _tile_dot(acc, a_ptr, aq_ptr, b_ptr, s, rm, rn, k0, M, N, K, KP, stride_am, stride_ak,
+                                stride_bn, stride_bk, m_save, QUANT_A, PACKED_B, SAVE_AQ, BK)
+            sg = tl.load(delta_ptr + rn * n_groups + g0 // G, mask=rn < N, other=0.0)
+            y += acc.to(tl.float32) * sg[None, :]
+        y = tl.math.div_rn(y, s[:, None])
     else:
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
         for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            a = _load_a_codes(a_ptr, aq_ptr, s, rm, kk, M, K, stride_am, stride_ak, m_save, QUANT_A, SAVE_AQ)
-            b = tl.load(
-                b_ptr + rn[None, :] * stride_bn + kk[:, None] * stride_bk,
-                mask=(rn[None, :] < N) & (kk[:, None] < K),
-                other=0,
-            )
-            acc = tl.dot(a, b, acc)
-
-    delta = tl.load(delta_ptr)
-    y = tl.math.div_rn(acc.to(tl.float32), s[:, None]) * delta
+            acc = _tile_dot(acc, a_ptr, aq_ptr, b_ptr, s, rm, rn, k0, M, N, K, KP, stride_am, stride_ak,
+                            stride_bn, stride_bk, m_save, QUANT_A, PACKED_B, SAVE_AQ, BK)
+        delta = tl.load(delta_ptr)
+        y = tl.math.div_rn(acc.to(tl.float32), s[:, None]) * delta
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     cmask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -214,23 +236,30 @@ def _ternarize_kernel(w_ptr, part_ptr, codes_ptr, delta_ptr, numel, numel_f, n_p
 
 
 @triton.jit
-def _grad_input_kernel(g_ptr, codes_ptr, delta_ptr, out_ptr, M, N, K,
+def _grad_input_kernel(g_ptr, codes_ptr, delta_ptr, out_ptr, M, N, K, G, n_groups,
                        stride_gm, stride_gn, stride_om, stride_ok,
-                       PREC: tl.constexpr, UPCAST: tl.constexpr,
+                       GROUPED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """out[m, k] = Σ_n g[m, n] · (c[n, k]·Δ).to(g.dtype) — grad_x through the STE. codes contiguous (N, K)."""
+    """out[m, k] = Σ_n g[m, n] · (c[n, k]·Δ).to(g.dtype) — grad_x through the STE. codes contiguous (N, K); with
+    GROUPED, Δ is the scale of (n, k)'s group: ``delta_ptr`` (N, n_groups), ``G`` values a group."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = pid_k * BK + tl.arange(0, BK)
-    delta = tl.load(delta_ptr)
+    if not GROUPED:
+        delta = tl.load(delta_ptr)
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for n0 in range(0, N, BN):
         rn = n0 + tl.arange(0, BN)
         g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-        c = tl.load(codes_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
-        w = (c.to(tl.float32) * delta).to(g.dtype)
+        cmask = (rn[:, None] < N) & (rk[None, :] < K)
+        c = tl.load(codes_ptr + rn[:, None] * K + rk[None, :], mask=cmask, other=0)
+        if GROUPED:
+            sg = tl.load(delta_ptr + rn[:, None] * n_groups + rk[None, :] // G, mask=cmask, other=0.0)
+            w = (c.to(tl.float32) * sg).to(g.dtype)
+        else:
+            w = (c.to(tl.float32) * delta).to(g.dtype)
         if UPCAST:  # the interpreter multiplies bf16 as raw uint16: same values, float32 operands
             g = g.to(tl.float32)
             w = w.to(tl.float32)
@@ -326,6 +355,23 @@ def weight_quant_triton(w: torch.Tensor, eps: float = WEIGHT_EPS) -> tuple[torch
     return codes, delta
 
 
+def group_tile(group: int, bk: int, *, packed: bool) -> int:
+    """The K tile of a grouped matmul: the largest power of two ≤ ``bk`` dividing ``group`` (a tile never spans
+    two groups); at least 16 (``tl.dot``'s minimum K), 64 packed (four dots of BK / 4 codes)."""
+    low = 64 if packed else 16
+    while bk > low and group % bk:
+        bk //= 2
+    if group % bk or bk < low:
+        raise ValueError(f"a scale group of {group} cannot be tiled{' packed' if packed else ''} (needs a multiple "
+                         f"of {low})")
+    return bk
+
+
+def supports_group(group: int, *, packed: bool = False) -> bool:
+    """Whether the Triton kernels take per-group scales of ``group`` values (0: per tensor, always)."""
+    return group == 0 or group % (64 if packed else 16) == 0
+
+
 def _matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -337,26 +383,31 @@ def _matmul(
     packed: bool,
     scale: torch.Tensor | None = None,
     save: bool = False,
+    group: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     _check(a, b)
     m, k = a.shape
     n = b.shape[0]
     if k != in_features:
         raise ValueError(f"input has {k} features, weight expects {in_features}")
+    if group and (k % group or tuple(delta.shape) != (n, k // group)):
+        raise ValueError(f"scales of shape {tuple(delta.shape)} do not hold one per {group} values of ({n}, {k})")
     quant_a = scale is None
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     aq = torch.empty((m, k), dtype=torch.int8, device=a.device) if quant_a and save else None
     if quant_a:
         scale = torch.empty(m, dtype=torch.float32, device=a.device)
     t = _tiles(m, n, k, packed=packed)
+    bk = group_tile(group, t.bk, packed=packed) if group else t.bk
     grid = (triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn),)
+    scales = delta.float().contiguous() if group else delta.reshape(-1)
     _ternary_matmul_kernel[grid](
-        a, b, scale, delta.reshape(-1), bias if bias is not None else delta, out, aq if aq is not None else a,
-        m, n, k, b.shape[1],
+        a, b, scale, scales, bias if bias is not None else scales, out, aq if aq is not None else a,
+        m, n, k, b.shape[1], group or k, k // group if group else 1,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         ACT_EPS,
-        QUANT_A=quant_a, PACKED_B=packed, SAVE_AQ=aq is not None, HAS_BIAS=bias is not None,
-        BM=t.bm, BN=t.bn, BK=t.bk, GROUP_M=8, num_warps=t.num_warps, num_stages=t.num_stages, **_NO_FMA,
+        QUANT_A=quant_a, PACKED_B=packed, SAVE_AQ=aq is not None, HAS_BIAS=bias is not None, GROUPED=group > 0,
+        BM=t.bm, BN=t.bn, BK=bk, GROUP_M=8, num_warps=t.num_warps, num_stages=t.num_stages, **_NO_FMA,
     )
     return out, aq, (scale if aq is not None else None)
 
@@ -391,8 +442,10 @@ def act_quant_matmul(
     *,
     save: bool = False,
     fused: bool | None = None,
+    group: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Per-token int8 quantization of ``x`` (M, K) + matmul with int8 ternary ``codes`` (N, K).
+    """Per-token int8 quantization of ``x`` (M, K) + matmul with int8 ternary ``codes`` (N, K) scaled by ``delta``:
+    Δ of shape (1,), or with ``group`` one scale per ``group`` values of a row, shape (N, K / group).
 
     ``fused`` (default: ``M <= FUSED_MAX_ROWS``) quantizes inside the matmul kernel; otherwise one act-quant
     kernel writes int8 codes + scales and the matmul reads those. Returns ``(y, x_codes, x_scales)``; the codes
@@ -401,9 +454,9 @@ def act_quant_matmul(
     dtype = out_dtype or x.dtype
     k = codes.shape[1]
     if fused if fused is not None else x.shape[0] <= FUSED_MAX_ROWS:
-        return _matmul(x, codes, delta, bias, dtype, in_features=k, packed=False, save=save)
+        return _matmul(x, codes, delta, bias, dtype, in_features=k, packed=False, save=save, group=group)
     xq, xs = act_quant_triton(x)
-    y, _, _ = _matmul(xq, codes, delta, bias, dtype, in_features=k, packed=False, scale=xs)
+    y, _, _ = _matmul(xq, codes, delta, bias, dtype, in_features=k, packed=False, scale=xs, group=group)
     return y, (xq if save else None), (xs if save else None)
 
 
@@ -416,23 +469,24 @@ def packed_matmul(
     out_dtype: torch.dtype | None = None,
     *,
     fused: bool | None = None,
+    group: int = 0,
 ) -> torch.Tensor:
     """Per-token int8 quantization of ``x`` + matmul with 2-bit packed ternary weights (inference).
 
-    ``fused`` as in :func:`act_quant_matmul`."""
+    ``fused``, ``delta`` and ``group`` as in :func:`act_quant_matmul`."""
     if packed.dtype != torch.uint8 or packed.shape[1] != packed_cols(in_features):
         raise ValueError("packed must be uint8 of shape (out_features, ceil(in_features / 4))")
     dtype = out_dtype or x.dtype
     if fused if fused is not None else x.shape[0] <= FUSED_MAX_ROWS:
-        y, _, _ = _matmul(x, packed, delta, bias, dtype, in_features=in_features, packed=True)
+        y, _, _ = _matmul(x, packed, delta, bias, dtype, in_features=in_features, packed=True, group=group)
         return y
     xq, xs = act_quant_triton(x)
-    y, _, _ = _matmul(xq, packed, delta, bias, dtype, in_features=in_features, packed=True, scale=xs)
+    y, _, _ = _matmul(xq, packed, delta, bias, dtype, in_features=in_features, packed=True, scale=xs, group=group)
     return y
 
 
-def grad_input(grad_y: torch.Tensor, codes: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``grad_y (M, N) @ (codes·Δ) (N, K)`` in ``grad_y``'s dtype."""
+def grad_input(grad_y: torch.Tensor, codes: torch.Tensor, delta: torch.Tensor, group: int = 0) -> torch.Tensor:
+    """``grad_y (M, N) @ (codes·Δ) (N, K)`` in ``grad_y``'s dtype; Δ per tensor (1,) or per group (N, K / group)."""
     _check(grad_y, codes)
     m, n = grad_y.shape
     k = codes.shape[1]
@@ -440,9 +494,10 @@ def grad_input(grad_y: torch.Tensor, codes: torch.Tensor, delta: torch.Tensor) -
     t = _tiles(m, k, n)
     grid = (triton.cdiv(m, t.bm), triton.cdiv(k, t.bn))
     _grad_input_kernel[grid](
-        grad_y, codes.contiguous(), delta.reshape(-1), out, m, n, k,
+        grad_y, codes.contiguous(), delta.float().contiguous() if group else delta.reshape(-1), out, m, n, k,
+        group or k, k // group if group else 1,
         grad_y.stride(0), grad_y.stride(1), out.stride(0), out.stride(1),
-        PREC=_precision(grad_y.dtype), UPCAST=_upcast(grad_y.dtype), BM=t.bm, BN=t.bk, BK=t.bn,
+        GROUPED=group > 0, PREC=_precision(grad_y.dtype), UPCAST=_upcast(grad_y.dtype), BM=t.bm, BN=t.bk, BK=t.bn,
         num_warps=t.num_warps, num_stages=t.num_stages, **_NO_FMA,
     )
     return out
@@ -505,6 +560,61 @@ class TritonTernaryLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class TritonScaledTernaryLinearFunction(torch.autograd.Function):
+    """BitLinear at λ = 1 with given weight scales: per group of ``group`` values of a row (N, K / group), or one
+    per tensor (1, 1) by a rule other than absmean. The codes ``RoundClip(W / s, -1, 1)`` are elementwise PyTorch;
+    the matmul (scales in the epilogue) and ``grad_x`` (scales on the codes) are the Triton kernels.
+
+    Gradients as :mod:`bitnet.quant` defines them: with ``learned`` scales LSQ's (``grad_W = G·1[|W/s| ≤ 1]``,
+    ``grad_s = Σ_group G·(c − (W/s)·1[|W/s| ≤ 1])`` with ``G = grad_yᵀ @ Q(x)``), otherwise the STE
+    (``grad_W = G``, no gradient to recomputed scales)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                group: int, learned: bool) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        s = fp16_grid(scales.detach())
+        codes = grouped_codes(weight, s, group)
+        x2 = x.reshape(-1, x.shape[-1])
+        b = bias.detach().to(dtype) if bias is not None else None
+        save = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        y, xq, xs = act_quant_matmul(x2, codes, s if group else s.reshape(1), b, dtype, save=save, group=group)
+        ctx.save_for_backward(weight, codes, s, xq, xs)
+        ctx.x_shape, ctx.group, ctx.learned, ctx.has_bias = x.shape, group, learned, bias is not None
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weight, codes, s, xq, xs = ctx.saved_tensors
+        group = ctx.group
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        if g.stride(-1) != 1:
+            g = g.contiguous()
+        grad_x = grad_w = grad_s = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_input(g, codes, s if group else s.reshape(1), group).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gw = grad_weight(g, xq, xs, torch.float32)
+            if ctx.learned:
+                r = weight.float() / expand_scales(s, group, weight.shape)
+                inside = r.abs() <= 1.0
+                grad_w = (gw * inside).to(weight.dtype)
+                per_value = gw * (codes.float() - r * inside)
+                grad_s = (per_value.reshape(s.shape[0], -1, group or per_value.numel()).sum(-1) if group
+                          else per_value.sum().reshape(1, 1))
+            else:
+                grad_w = gw.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_s, grad_b, None, None
+
+
+def scaled_ternary_linear_triton(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group: int,
+                                 bias: torch.Tensor | None = None, *, learned: bool = False) -> torch.Tensor:
+    """BitLinear's quantized forward at λ = 1 with per-group (or stored per-tensor) scales on Triton kernels."""
+    return TritonScaledTernaryLinearFunction.apply(x, weight, scales, bias, group, learned)
+
+
 def ternary_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """BitLinear's quantized forward at λ = 1 on Triton kernels (with STE backward)."""
     return TritonTernaryLinearFunction.apply(x, weight, bias)
@@ -515,6 +625,7 @@ def packed_linear_triton(
 ) -> torch.Tensor:
     """Inference: ``F.linear(Q(x), Δ·codes, b)`` straight from the packed bytes."""
     x2 = x.reshape(-1, x.shape[-1])
-    scale = weight.scale.reshape(1).to(device=x.device, dtype=torch.float32)
-    y = packed_matmul(x2, weight.packed, scale, weight.in_features, bias, out_dtype or x.dtype)
+    scale = weight.scale.to(device=x.device, dtype=torch.float32)
+    scale = scale if weight.group else scale.reshape(1)
+    y = packed_matmul(x2, weight.packed, scale, weight.in_features, bias, out_dtype or x.dtype, group=weight.group)
     return y.reshape(*x.shape[:-1], y.shape[-1])

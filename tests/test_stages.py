@@ -10,6 +10,7 @@ import torch
 
 from bitnet.convert import BitNetConfig
 from bitnet.layers import BitLinearLRC, bit_linears
+from bitnet.stages import layerwise
 from bitnet.stages.convert import ConvertConfig
 from bitnet.stages.cpt import CPTConfig, quant_lambda_at
 from bitnet.stages.kd import KDConfig
@@ -72,6 +73,28 @@ def test_layerwise_lowers_its_loss(teacher_and_student, small_world, tmp_path: P
     h = history(tmp_path)
     assert m["steps"] == 12 and h[-1]["loss"] < 0.8 * h[0]["loss"], (h[0], h[-1])
     load_student(tmp_path / "model")
+
+
+def test_layerwise_block_sequential_fits_each_block_and_resumes(teacher_and_student, small_world,
+                                                               tmp_path: Path) -> None:
+    """Block by block from cached activations: a progress record per block, every block trained ``max_steps``
+    steps and closer to its teacher block at the end than at its first step; a re-run after the first block
+    finished trains only the rest, to the same student."""
+    teacher, student = teacher_and_student
+    cfg = LayerwiseConfig(target="block_sequential", train=short(6), data=DATA)
+    m = run_student_stage(cfg, student, teacher, small_world, tmp_path / "a")
+    h = history(tmp_path / "a")
+    assert [r["block"] for r in h] == [0, 1] and h[-1]["step"] == 6 and h[-1]["tokens"] == m["tokens"]
+    assert m["block_steps"] == 12 and m["pool_blocks"] == 24 and m["tokens"] == 6 * 4 * small_world.seq_len
+    assert all(r["loss"] < r["first_loss"] for r in h), h
+
+    blocks = tmp_path / "a" / "train" / "checkpoints" / "blocks"
+    (blocks / "block-001.safetensors").unlink()
+    # what a retry of a run killed during block 1 finds (the stage's run, without the finished-output reuse)
+    again = layerwise.run(cfg, {"student": student, "teacher": teacher, "world": small_world.root}, tmp_path / "a")
+    assert again["blocks_resumed"] == 1 and again["block_steps"] == 6
+    assert again["val_ppl"] == pytest.approx(m["val_ppl"], rel=1e-6)  # the same weights: only the summation order
+    load_student(tmp_path / "a" / "model")
 
 
 def test_cpt_ramps_lambda_and_ends_fully_quantized(teacher_and_student, small_world, tmp_path: Path) -> None:

@@ -89,6 +89,15 @@ def check_same_depth_and_width(stage: str, student: nn.Module, teacher: nn.Modul
                              "hidden states cannot be aligned")
 
 
+def save_trained_student(model: nn.Module, metrics: dict[str, Any], *, world: World, data: StageData, out: Path
+                         ) -> None:
+    """How every student stage ends: fully quantized (λ = 1), its validation perplexity into ``metrics``, the student
+    and the world's tokenizer to ``out/model``."""
+    set_quant_lambda(model, 1.0)
+    metrics["val_ppl"] = held_out_perplexity(model, world, "validation", data)
+    save_student(model, out / "model", world.tokenizer())
+
+
 def train_student(
     stage: str,
     student: nn.Module,
@@ -107,9 +116,7 @@ def train_student(
     ``rebuild``: a fresh student of the same structure, for FSDP's consolidated save."""
 
     def save(model: nn.Module, metrics: dict[str, Any]) -> None:
-        set_quant_lambda(model, 1.0)
-        metrics["val_ppl"] = held_out_perplexity(model, world, "validation", data)
-        save_student(model, out / "model", world.tokenizer())
+        save_trained_student(model, metrics, world=world, data=data, out=out)
 
     metrics = train_and_save(student, proc=proc, train=train, data=data, world=world, out=out, save=save,
                              loss_fn=loss_fn, callbacks=callbacks, desc=stage, rebuild=rebuild)

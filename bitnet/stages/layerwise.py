@@ -9,19 +9,30 @@ what the teacher's block makes of the *student's own* input to that block, ``‖
 its own term only, and the embeddings get none. All blocks are fitted at once, each step, on the activations that
 step's student forward caches (no separate calibration pass): a block sees the inputs the (still training) blocks
 before it actually produce, as in GPTQ's true-sequential calibration. Costs one student and one teacher forward a
-step, like ``hidden``."""
+step, like ``hidden``.
+
+``target: block_sequential`` (EfficientQAT's Block-AP): the same local loss, block after block from cached
+activations (:mod:`bitnet.blockwise`): ``train.max_steps`` steps per block on a pool of ``pool_blocks`` training
+blocks (default ``max_steps × batch_size``: every block sees each pooled row once, as many rows as a
+``max_steps``-step stage shows every block, at about 1/L of its compute), its own warm-up and cosine per block.
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from bitnet.blockwise import fit_blocks, layer_output
+from bitnet.checkpoints import CKPT_DIR
 from bitnet.convert import decoder_layers
+from bitnet.data import BlockLoader
 from bitnet.objectives import hidden_state_loss
 from bitnet.stages.base import Inputs, Stage
 from bitnet.stages.distill import (
@@ -30,10 +41,13 @@ from bitnet.stages.distill import (
     fresh_student,
     lm_forward,
     load_pair,
+    save_trained_student,
     train_student,
 )
-from bitnet.stages.training import Proc, StageData, schedule
+from bitnet.stages.outputs import run_identity
+from bitnet.stages.training import Proc, StageData, peak_rss_gb, schedule, stage_train_data
 from bitnet.trainer import Batch, LossFn, TrainConfig, distributed_env
+from bitnet.world import World
 
 
 class LayerwiseConfig(BaseModel):
@@ -42,11 +56,33 @@ class LayerwiseConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     loss: Literal["mse", "cosine"] = "mse"
-    target: Literal["hidden", "block"] = Field(
+    target: Literal["hidden", "block", "block_sequential"] = Field(
         default="hidden", description="hidden: every hidden state against the teacher's (BitDistill); block: every "
-        "block against the teacher's block on the student's own input, local losses (block reconstruction)")
+        "block against the teacher's block on the student's own input, local losses (block reconstruction); "
+        "block_sequential: the same, one block after another from cached activations, max_steps steps each")
+    pool_blocks: int | None = Field(
+        default=None, ge=1, description="block_sequential: training blocks whose activations are cached (default "
+        "max_steps × batch_size: one pass per block); a multiple of data.batch_size")
     train: TrainConfig = Field(default_factory=lambda: schedule(40))
     data: StageData = Field(default_factory=StageData)
+
+    @model_validator(mode="after")
+    def _check_sequential(self) -> LayerwiseConfig:
+        if self.target != "block_sequential":
+            if self.pool_blocks is not None:
+                raise ValueError("pool_blocks applies to target block_sequential only")
+            return self
+        if self.pool_blocks is not None and self.pool_blocks % self.data.batch_size:
+            raise ValueError(f"pool_blocks {self.pool_blocks} is not a multiple of data.batch_size "
+                             f"{self.data.batch_size}")
+        if self.train.total_schedule_steps != self.train.max_steps:
+            raise ValueError("target block_sequential warms up and decays once per block: a schedule shared "
+                             "across stages (schedule_start/schedule_steps) does not apply")
+        return self
+
+    @property
+    def pool_size(self) -> int:
+        return self.pool_blocks or self.train.max_steps * self.data.batch_size
 
 
 def layerwise_loss(teacher: nn.Module, kind: str) -> LossFn:
@@ -60,10 +96,6 @@ def layerwise_loss(teacher: nn.Module, kind: str) -> LossFn:
         return loss, {"ce": float(out.loss.detach())}
 
     return fn
-
-
-def _layer_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out  # transformers 5 layers return the tensor; older ones a tuple
 
 
 def block_reconstruction_loss(teacher: nn.Module, kind: str) -> LossFn:
@@ -85,13 +117,13 @@ def block_reconstruction_loss(teacher: nn.Module, kind: str) -> LossFn:
                     kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
                 call = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
                 with torch.no_grad():
-                    targets.append(_layer_output(t_layers[i](*args, **call)))
+                    targets.append(layer_output(t_layers[i](*args, **call)))
                 return args, kwargs
 
             return hook
 
         def keep(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            outputs.append(_layer_output(out))
+            outputs.append(layer_output(out))
 
         handles = [h for i, layer in enumerate(s_layers)
                    for h in (layer.register_forward_pre_hook(pre(i), with_kwargs=True),
@@ -107,14 +139,51 @@ def block_reconstruction_loss(teacher: nn.Module, kind: str) -> LossFn:
 
 
 def run(cfg: LayerwiseConfig, inputs: Inputs, out: Path) -> dict[str, Any]:
-    if cfg.target == "block" and distributed_env()[1] > 1:
-        raise ValueError("layerwise: target block runs in one process (its local losses leave the embeddings and the "
-                         "head without gradients, which DDP and FSDP refuse); use target hidden under torchrun")
+    if cfg.target != "hidden" and distributed_env()[1] > 1:
+        raise ValueError(f"layerwise: target {cfg.target} runs in one process (its local losses leave the embeddings "
+                         "and the head without gradients, which DDP and FSDP refuse); use target hidden under torchrun")
     proc = Proc.start(cfg.train)
     student, teacher, world = load_pair(inputs, proc, cfg.train)
     check_same_depth_and_width("layerwise", student, teacher)
+    if cfg.target == "block_sequential":
+        return run_sequential(cfg, student, teacher, world, out)
     return train_student("layerwise", student, world, out, proc=proc, train=cfg.train, data=cfg.data,
                          loss_fn=LOSSES[cfg.target](teacher, cfg.loss), rebuild=lambda: fresh_student(inputs))
+
+
+def run_sequential(cfg: LayerwiseConfig, student: nn.Module, teacher: nn.Module, world: World, out: Path
+                   ) -> dict[str, Any]:
+    """Block by block (:func:`bitnet.blockwise.fit_blocks`) on the first ``pool_size`` blocks of the stage's train
+    data in its seeded order; ``train/metrics.jsonl`` gets a record per finished block (the stage's progress)."""
+    loader = BlockLoader(stage_train_data(cfg.data, world), cfg.data.batch_size, seed=cfg.train.seed)
+    ids = torch.cat([next(loader)["input_ids"] for _ in range(cfg.pool_size // cfg.data.batch_size)])
+    n_blocks, seq = len(decoder_layers(student)), ids.shape[1]
+    per_block = cfg.train.max_steps * cfg.data.batch_size * seq  # tokens through every block
+    progress = out / "train" / "metrics.jsonl"
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    progress.write_text("")
+    start = time.perf_counter()
+
+    def on_block(i: int, losses: tuple[float, float]) -> None:
+        record = {"step": (i + 1) * cfg.train.max_steps // n_blocks, "loss": losses[1], "first_loss": losses[0],
+                  "block": i,
+                  "tokens": (i + 1) * per_block // n_blocks}
+        with progress.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    fit = fit_blocks(student, teacher, ids, train=cfg.train.model_copy(update={"progress": False}),
+                     batch_size=cfg.data.batch_size, work=out / "train" / CKPT_DIR / "blocks", kind=cfg.loss,
+                     identity=run_identity(out), on_block=on_block)
+    wall = time.perf_counter() - start
+    metrics: dict[str, Any] = {
+        "stage": "layerwise", "steps": cfg.train.max_steps, "tokens": per_block, "block_steps": fit.block_steps,
+        "pool_blocks": len(ids), "blocks_resumed": fit.blocks_loaded,
+        "train_loss": sum(last for _, last in fit.losses) / len(fit.losses),
+        "val_loss": None, "wall_s": wall, "peak_rss_gb": peak_rss_gb(),
+        "tokens_per_s": fit.block_steps * cfg.data.batch_size * seq / n_blocks / wall if wall > 0 else None}
+    student.eval()
+    save_trained_student(student, metrics, world=world, data=cfg.data, out=out)
+    return metrics
 
 
 LOSSES: dict[str, Callable[[nn.Module, str], LossFn]] = {"hidden": layerwise_loss, "block": block_reconstruction_loss}
