@@ -148,8 +148,9 @@ def lever_rows(total: int, batch_size: int, lr: float, seed: int,
     def ce(steps: int = total, rate: float = lr) -> list[tuple[str, Any]]:
         return [("cpt", CPTConfig(lambda_warmup_steps=0, train=_train(steps, rate, seed), data=data))]
 
-    def kd(steps: int = total, rate: float = lr, train: TrainConfig | None = None) -> list[tuple[str, Any]]:
-        weights = kd_weights or PAPER_KD
+    def kd(steps: int = total, rate: float = lr, train: TrainConfig | None = None, **change: float
+           ) -> list[tuple[str, Any]]:
+        weights = {**(kd_weights or PAPER_KD), **change}
         return [("kd", KDConfig(objective="bitdistill", **weights, train=train or _train(steps, rate, seed),
                                 data=data))]
 
@@ -180,6 +181,10 @@ def lever_rows(total: int, batch_size: int, lr: float, seed: int,
         Row("calibrated + KD, fixed (recomputed MSE) scales", "none", kd(), convert=calibrated("mse")),
         *[Row(f"calibrated + KD, learned scales, lr {lr * f:g}", "none", kd(rate=lr * f), convert=calibrated("learned"))
           for f in (2, 4, 8, 16, 32)],  # the LR sweep: lr … 32·lr
+        # the KD weights around the preset's (τ 1, β 1, γ 1e3): one changed per row
+        *[Row(f"calibrated + KD, learned scales, {name}", "none", kd(**change), convert=calibrated("learned"))
+          for name, change in (("τ 2", {"temperature": 2.0}), ("γ 0 (logits only)", {"gamma": 0.0}),
+                               ("γ 1e4", {"gamma": 1e4}), ("β 4", {"beta": 4.0}))],
         Row("absmean start + KD (the previous best row)", "none", kd()),
         Row(f"calibrated + layer-wise hidden states ({split} steps) + KD, learned scales", "none",
             stage19("hidden") + kd(total - split), convert=calibrated("learned")),

@@ -79,7 +79,7 @@ class PoolLoader:
 
 @dataclass
 class BlockFitResult:
-    losses: list[tuple[float, float]]  # each block's (first, last) training loss
+    blocks: list[dict[str, float]]  # per block: pool_loss_before / pool_loss_after (the whole pool), train_loss
     blocks_loaded: int  # finished blocks read back from an earlier attempt
     block_steps: int  # optimizer steps of this attempt, all blocks
 
@@ -109,10 +109,10 @@ def _block_loss(layer_calls: list[Record], pool: torch.Tensor, targets: torch.Te
 
 def fit_blocks(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, *, train: TrainConfig, batch_size: int,
                work: Path, kind: str = "mse", identity: dict[str, str] | None = None,
-               on_block: Callable[[int, tuple[float, float]], None] | None = None) -> BlockFitResult:
+               on_block: Callable[[int, dict[str, float]], None] | None = None) -> BlockFitResult:
     """Fit every decoder block of ``student`` to ``teacher``'s (module docstring) on the pool ``ids`` (rows × seq,
-    a multiple of ``batch_size`` rows), ``train.max_steps`` steps per block; ``on_block(l, (first, last loss))``
-    after each."""
+    a multiple of ``batch_size`` rows), ``train.max_steps`` steps per block; ``on_block(l, summary)`` after each,
+    with the block's loss over the whole pool before and after its fit and its last training loss."""
     s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
     if len(s_layers) != len(t_layers):
         raise ValueError(f"student has {len(s_layers)} decoder blocks, teacher {len(t_layers)}")
@@ -127,30 +127,33 @@ def fit_blocks(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, *, tra
     result = BlockFitResult([], 0, 0)
     for i, (s_layer, t_layer) in enumerate(zip(s_layers, t_layers, strict=True)):
         layer_calls = [c[i] for c in calls]
-        done = work / f"block-{i:03d}.safetensors"
+        done, summary = work / f"block-{i:03d}.safetensors", work / f"block-{i:03d}.json"
         if done.is_file():
             s_layer.load_state_dict(load_file(done), strict=True)
             result.blocks_loaded += 1
-            record = json.loads((work / f"block-{i:03d}.json").read_text())
-            result.losses.append((float(record["first_loss"]), float(record["loss"])))
+            result.blocks.append(json.loads(summary.read_text()))
+            s_layer.eval()
+            x = _through(s_layer, x, layer_calls, batch_size)
         else:
             targets = _through(t_layer, x, layer_calls, batch_size)
+            s_layer.eval()
+            before = float(hidden_state_loss([_through(s_layer, x, layer_calls, batch_size)], [targets], kind=kind))
             trainer = Trainer(s_layer, PoolLoader(ids, batch_size, train.seed + i), train, work / f"block-{i:03d}",
                               loss_fn=_block_loss(layer_calls, x, targets, batch_size, kind),
                               desc=f"block {i}", identity={**(identity or {}), "block": str(i)})
             fit = trainer.fit()
-            del targets
             result.block_steps += fit.steps - (fit.resumed_from or 0)
-            first = fit.history[0]["loss"] if fit.history else fit.train_loss
-            result.losses.append((first, fit.train_loss))
-            write_json_atomic(work / f"block-{i:03d}.json",
-                              {"first_loss": first, "loss": fit.train_loss, "steps": fit.steps})
+            s_layer.eval()
+            x = _through(s_layer, x, layer_calls, batch_size)  # the next block's input: this (fitted) block's output
+            after = float(hidden_state_loss([x], [targets], kind=kind))
+            del targets
+            result.blocks.append({"pool_loss_before": before, "pool_loss_after": after, "train_loss": fit.train_loss,
+                                  "steps": fit.steps})
+            write_json_atomic(summary, result.blocks[-1])
             tmp = done.with_name(temp_name(done.name) + "w")
             save_file({k: v.detach().contiguous() for k, v in s_layer.state_dict().items()}, str(tmp))
             os.replace(tmp, done)  # the weights last: their presence marks the block finished
             shutil.rmtree(work / f"block-{i:03d}", ignore_errors=True)
-        s_layer.eval()
-        x = _through(s_layer, x, layer_calls, batch_size)  # the next block's input: this (fitted) block's output
         if on_block is not None:
-            on_block(i, result.losses[-1])
+            on_block(i, result.blocks[-1])
     return result

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from tqdm.auto import tqdm
 
 from bitnet.blockwise import fit_blocks, layer_output
 from bitnet.checkpoints import CKPT_DIR
@@ -163,22 +164,26 @@ def run_sequential(cfg: LayerwiseConfig, student: nn.Module, teacher: nn.Module,
     progress.parent.mkdir(parents=True, exist_ok=True)
     progress.write_text("")
     start = time.perf_counter()
+    bar = tqdm(total=n_blocks, desc="layerwise (block by block)", disable=not cfg.train.progress, dynamic_ncols=True)
 
-    def on_block(i: int, losses: tuple[float, float]) -> None:
-        record = {"step": (i + 1) * cfg.train.max_steps // n_blocks, "loss": losses[1], "first_loss": losses[0],
-                  "block": i,
+    def on_block(i: int, block: dict[str, float]) -> None:
+        record = {"step": (i + 1) * cfg.train.max_steps // n_blocks, "loss": block["train_loss"], "block": i,
+                  "pool_loss_before": block["pool_loss_before"], "pool_loss_after": block["pool_loss_after"],
                   "tokens": (i + 1) * per_block // n_blocks}
         with progress.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        bar.set_postfix(pool_loss=f"{block['pool_loss_before']:.4f}→{block['pool_loss_after']:.4f}", refresh=False)
+        bar.update(1)
 
     fit = fit_blocks(student, teacher, ids, train=cfg.train.model_copy(update={"progress": False}),
                      batch_size=cfg.data.batch_size, work=out / "train" / CKPT_DIR / "blocks", kind=cfg.loss,
                      identity=run_identity(out), on_block=on_block)
+    bar.close()
     wall = time.perf_counter() - start
     metrics: dict[str, Any] = {
         "stage": "layerwise", "steps": cfg.train.max_steps, "tokens": per_block, "block_steps": fit.block_steps,
         "pool_blocks": len(ids), "blocks_resumed": fit.blocks_loaded,
-        "train_loss": sum(last for _, last in fit.losses) / len(fit.losses),
+        **{k: sum(b[k] for b in fit.blocks) / n_blocks for k in ("train_loss", "pool_loss_before", "pool_loss_after")},
         "val_loss": None, "wall_s": wall, "peak_rss_gb": peak_rss_gb(),
         "tokens_per_s": fit.block_steps * cfg.data.batch_size * seq / n_blocks / wall if wall > 0 else None}
     student.eval()
