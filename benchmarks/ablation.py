@@ -192,6 +192,10 @@ def lever_rows(total: int, batch_size: int, lr: float, seed: int,
             stage19("block") + kd(total - split), convert=calibrated("learned")),
         Row(f"calibrated + block by block from cached activations ({split} steps a block) + KD, learned scales",
             "none", stage19("block_sequential") + kd(total - split), convert=calibrated("learned")),
+        *[Row(f"calibrated + block by block from cached activations only ({split} steps a block), lr {lr * f:g}",
+              "none", [("layerwise", LayerwiseConfig(target="block_sequential", train=_train(split, lr * f, seed),
+                                                     data=data))], convert=calibrated("learned"))
+          for f in (1, 1 / 8)],  # what block fitting adds to the calibrated start, with no end-to-end step
         Row("calibrated + block reconstruction + KD, one LR schedule across both stages", "none",
             stage19("block", shared[0]) + kd(train=shared[1]), convert=calibrated("learned")),
     ]
